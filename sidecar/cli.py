@@ -1,0 +1,232 @@
+"""Command line: flags, their ``DNS_SIDECAR_*`` environment twins, exit codes.
+
+Exit codes: 0 after a clean SIGTERM/SIGINT, 2 for a bad flag or value (one line naming it),
+1 when the sidecar cannot start (port in use, no upstream known).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+from .config import (
+    Config,
+    HostPort,
+    parse_cidrs,
+    parse_hostport,
+    parse_upstreams,
+    parse_zone,
+    read_resolv_conf,
+)
+from .errors import ConfigError, StartupError
+
+ENV_PREFIX = "DNS_SIDECAR_"
+PROG = "dns-sidecar"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is reported in one line (no usage block) and exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _typed(what: str, fn):
+    """Wrap a converter so argparse reports ``what`` and the reason instead of the function name."""
+
+    def convert(text: str):
+        try:
+            return fn(text)
+        except (ValueError, ConfigError) as exc:
+            reason = str(exc) if isinstance(exc, ConfigError) else f"expected {what}"
+            raise argparse.ArgumentTypeError(f"{reason} (got {text!r})") from None
+
+    convert.__name__ = what
+    return convert
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+def _listen(text: str) -> HostPort:
+    return parse_hostport(text, None)
+
+
+def _http(text: str) -> HostPort | None:
+    if text.strip().lower() == "off":
+        return None
+    return parse_hostport(text, None)
+
+
+def _log_level(text: str) -> str:
+    level = text.lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise ValueError(text)
+    return level
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; its defaults are the documented defaults (README flag table)."""
+    p = _Parser(
+        prog=PROG,
+        description="Caching DNS sidecar for crawlers. Every flag also reads "
+        "DNS_SIDECAR_<FLAG> from the environment (the flag wins).",
+    )
+    add = p.add_argument
+    add("--listen", metavar="HOST:PORT", action="append", type=_typed("HOST:PORT", _listen), default=None,
+        help="UDP and TCP DNS listener, repeatable; [::1]:5353 for IPv6 (default 127.0.0.1:5353)")
+    add("--http", metavar="HOST:PORT", type=_typed("HOST:PORT or off", _http), default="127.0.0.1:8053",
+        help="health and stats API address, or 'off' (default 127.0.0.1:8053)")
+    add("--upstream", metavar="ADDR[,ADDR...]", type=_typed("ADDR[,ADDR...]", parse_upstreams), default=None,
+        help="default upstream pool; ADDR is IP, IP:PORT or [IPv6]:PORT "
+        "(default: nameservers of /etc/resolv.conf)")
+    add("--zone", metavar="SUFFIX=ADDR[,ADDR...]", action="append", type=_typed("SUFFIX=ADDR[,ADDR...]", parse_zone), default=None,
+        help="a pool for names under SUFFIX, repeatable; longest suffix wins")
+    add("--min-ttl", metavar="SECONDS", type=_typed("a whole number >= 0", _nonneg_int), default=30,
+        help="TTL floor for cached answers (default 30)")
+    add("--max-ttl", metavar="SECONDS", type=_typed("a whole number >= 0", _nonneg_int), default=86400,
+        help="TTL cap for cached answers (default 86400)")
+    add("--max-negative-ttl", metavar="SECONDS", type=_typed("a whole number >= 0", _nonneg_int), default=300,
+        help="cap for NXDOMAIN/NODATA caching, RFC 2308 (default 300)")
+    add("--servfail-ttl", metavar="SECONDS", type=_typed("a whole number >= 0", _nonneg_int), default=5,
+        help="how long a failed lookup (SERVFAIL) is remembered (default 5)")
+    add("--cache-size", metavar="ENTRIES", type=_typed("a whole number >= 0", _nonneg_int), default=100000,
+        help="cache bound, least recently used evicted first (default 100000)")
+    add("--timeout", metavar="SECONDS", type=_typed("a number >= 0", _positive_float), default=2.0,
+        help="per upstream try (default 2.0)")
+    add("--tries", metavar="N", type=_typed("a whole number >= 0", _nonneg_int), default=2,
+        help="upstream tries per miss (default 2)")
+    add("--max-inflight", metavar="N", type=_typed("a whole number >= 0", _nonneg_int), default=1024,
+        help="upstream queries in flight at once; more wait their turn (default 1024)")
+    add("--serve-stale", metavar="SECONDS", type=_typed("a whole number >= 0", _nonneg_int), default=0,
+        help="answer from entries expired less than this long ago when upstreams fail, "
+        "RFC 8767 (default 0, off)")
+    add("--prefetch", action="store_true", default=False,
+        help="refresh popular entries before they expire")
+    add("--no-aaaa", action="store_true", default=False,
+        help="answer AAAA queries with NODATA")
+    add("--allow", metavar="CIDR[,CIDR...]", type=_typed("CIDR[,CIDR...]", parse_cidrs), default=None,
+        help="clients that may query (default: loopback only)")
+    add("--rate-limit", metavar="QPS", type=_typed("a number >= 0", _positive_float), default=0.0,
+        help="per-client query rate limit (default 0, off)")
+    add("--tcp-max-connections", metavar="N", type=_typed("a whole number >= 0", _nonneg_int), default=256,
+        help="open TCP connections at once (default 256)")
+    add("--tcp-idle-timeout", metavar="SECONDS", type=_typed("a number >= 0", _positive_float), default=10.0,
+        help="close a TCP connection idle this long (default 10)")
+    add("--api-token", metavar="TOKEN", default=None,
+        help="required as 'Authorization: Bearer TOKEN' on mutating API calls")
+    add("--lameduck", metavar="SECONDS", type=_typed("a number >= 0", _positive_float), default=0.0,
+        help="on SIGTERM report not-ready and keep answering this long before draining (default 0)")
+    add("--log-level", metavar="LEVEL", type=_typed("debug, info, warning or error", _log_level), default="info",
+        help="debug, info, warning or error (default info)")
+    add("--log-format", choices=("text", "json"), default="text",
+        help="text or json (default text)")
+    return p
+
+
+def _env_args(parser: argparse.ArgumentParser, env: Mapping[str, str],
+              argv: Sequence[str]) -> list[str]:
+    """Turn DNS_SIDECAR_* variables into arguments for flags not given on the command line."""
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    extra: list[str] = []
+    for action in parser._actions:
+        flag = next((o for o in action.option_strings if o.startswith("--")), None)
+        if flag is None or flag == "--help" or flag in given:
+            continue
+        var = ENV_PREFIX + flag[2:].upper().replace("-", "_")
+        if var not in env:
+            continue
+        value = env[var]
+        if isinstance(action, argparse._StoreTrueAction):
+            v = value.strip().lower()
+            if v in ("1", "true", "yes", "on"):
+                extra.append(flag)
+            elif v not in ("0", "false", "no", "off", ""):
+                raise ConfigError(f"{var}: expected true or false, got {value!r}")
+        elif isinstance(action, argparse._AppendAction):
+            # Several listeners or zones: separated by whitespace or ';'.
+            for item in value.replace(";", " ").split():
+                extra.extend([flag, item])
+        else:
+            extra.append(f"{flag}={value}")
+    return extra
+
+
+def parse_config(argv: Sequence[str] | None = None,
+                 env: Mapping[str, str] | None = None) -> Config:
+    """Build a validated :class:`Config` from arguments and environment.
+
+    Raises ``SystemExit(2)`` (argparse) or :class:`ConfigError` for bad values.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    env = os.environ if env is None else env
+    parser = build_parser()
+    ns = parser.parse_args(argv + _env_args(parser, env, argv))
+    upstreams = ns.upstream
+    if upstreams is None:
+        upstreams = read_resolv_conf()
+    cfg = Config(
+        listen=tuple(ns.listen) if ns.listen else Config.listen,
+        http=ns.http if not isinstance(ns.http, str) else _http(ns.http),
+        upstreams=tuple(upstreams),
+        zones=tuple(ns.zone or ()),
+        min_ttl=ns.min_ttl,
+        max_ttl=ns.max_ttl,
+        max_negative_ttl=ns.max_negative_ttl,
+        servfail_ttl=ns.servfail_ttl,
+        cache_size=ns.cache_size,
+        timeout=ns.timeout,
+        tries=ns.tries,
+        max_inflight=ns.max_inflight,
+        serve_stale=ns.serve_stale,
+        prefetch=ns.prefetch,
+        no_aaaa=ns.no_aaaa,
+        allow=ns.allow if ns.allow is not None else Config.allow,
+        rate_limit=ns.rate_limit,
+        tcp_max_connections=ns.tcp_max_connections,
+        tcp_idle_timeout=ns.tcp_idle_timeout,
+        api_token=ns.api_token,
+        lameduck=ns.lameduck,
+        log_level=ns.log_level,
+        log_format=ns.log_format,
+    )
+    cfg.validate()
+    if not cfg.upstreams:
+        raise StartupError("no upstream known: /etc/resolv.conf has no nameserver; use --upstream")
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point: parse, run until SIGTERM/SIGINT, return the exit code."""
+    try:
+        cfg = parse_config(argv)
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except StartupError as exc:
+        print(f"{PROG}: cannot start: {exc}", file=sys.stderr)
+        return 1
+    from .server import run
+
+    try:
+        return run(cfg)
+    except StartupError as exc:
+        print(f"{PROG}: cannot start: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Concurrent misses for one key share one upstream query.
+
+The first caller starts the fetch as its own task; later callers await the same task
+through ``asyncio.shield``, so a caller that goes away (closed TCP connection, shutdown)
+never cancels the fetch for the others. The key is dropped when the fetch ends, so nothing
+accumulates per name (unlike a dict of per-host locks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Coalescer(Generic[T]):
+    """``await run(key, fetch)``: one ``fetch()`` per key in flight; ``coalesced`` counts the
+    callers that joined an existing fetch."""
+
+    def __init__(self) -> None:
+        self.inflight: dict[bytes, asyncio.Task[T]] = {}
+        self.coalesced = 0
+
+    def __len__(self) -> int:
+        return len(self.inflight)
+
+    def run(self, key: bytes, fetch: Callable[[], Awaitable[T]]) -> Awaitable[T]:
+        task = self.inflight.get(key)
+        if task is not None:
+            self.coalesced += 1
+        else:
+            task = asyncio.ensure_future(fetch())
+            self.inflight[key] = task
+            task.add_done_callback(lambda _t, k=key: self._done(k, _t))
+        return asyncio.shield(task)
+
+    def _done(self, key: bytes, task: asyncio.Task[T]) -> None:
+        if self.inflight.get(key) is task:
+            del self.inflight[key]
+
+    def joinable(self, key: bytes) -> bool:
+        return key in self.inflight

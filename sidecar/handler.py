@@ -1,0 +1,134 @@
+"""The query handler: one DNS message in, one reply (or nothing) out.
+
+``handle`` is the hot path. A fresh cache hit is answered synchronously from the entry's
+encoded bytes: the client's ID and question bytes (letter case kept, for DNS 0x20) in front
+of the cached sections. Anything else returns a coroutine that the listener runs as a task.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from .acl import Acl
+from .cache import Cache, Entry
+from .encode import FORWARDABLE
+from .errors import WireError
+from .resolver import Resolver
+from .wire import (
+    BADVERS,
+    CLASS_IN,
+    FORMERR,
+    NOERROR,
+    NOTIMP,
+    OPT_RR,
+    REFUSED,
+    ParsedQuery,
+    error_reply,
+    header_only_reply,
+    parse_query,
+)
+
+_B2 = (b"\x80", b"\x81")  # QR, plus RD copied from the query
+_B2_TC = (b"\x82", b"\x83")
+_TC_TAIL = (b"\x00\x01\x00\x00\x00\x00\x00\x00", b"\x00\x01\x00\x00\x00\x00\x00\x01")
+TYPE_AAAA = 28
+
+Reply = bytes | None | Coroutine[Any, Any, bytes | None]
+
+
+class QueryHandler:
+    """Answers queries from the cache and hands misses to the resolver.
+
+    Counters (read by the stats API): ``rcodes`` (replies per RCODE), ``dropped`` (no reply:
+    QR=1 or unreadable header), ``truncated`` (UDP replies sent with TC=1).
+    """
+
+    def __init__(self, cache: Cache, resolver: Resolver, *, acl: Acl | None = None,
+                 no_aaaa: bool = False, prefetch: bool = False) -> None:
+        self.cache = cache
+        self.resolver = resolver
+        self.acl = acl or Acl(())
+        self.no_aaaa = no_aaaa
+        self.rcodes = [0] * 24
+        self.dropped = 0
+        self.truncated = 0
+        self.denied = 0
+
+    def handle(self, data: bytes, host: str, tcp: bool) -> Reply:
+        """Answer one message from ``host`` (the client's IP as a string).
+
+        Returns the reply bytes, None to stay silent, or a coroutine resolving to either.
+        """
+        if len(data) < 12 or data[2] & 0x80:
+            self.dropped += 1  # unreadable header, or a response: never answered
+            return None
+        if data[2] & 0x78:
+            self.rcodes[NOTIMP] += 1
+            return header_only_reply(data, NOTIMP)
+        try:
+            q = parse_query(data)
+        except WireError:
+            self.rcodes[FORMERR] += 1
+            return header_only_reply(data, FORMERR)
+        allowed = self.acl.cache.get(host)
+        if allowed is None:
+            allowed = self.acl.check(host)
+        if not allowed:
+            self.denied += 1
+            self.rcodes[REFUSED] += 1
+            return error_reply(data, q, REFUSED)
+        cache = self.cache
+        entry = cache.entries.get(q.key)
+        if entry is not None:
+            now = time.monotonic()
+            if now < entry.expires:
+                cache.entries.move_to_end(q.key)
+                cache.hits += 1
+                age = int(now - entry.stored)
+                body = entry.body if age == entry.age else entry.render(age)
+                if now > entry.prefetch_at:
+                    self.resolver.prefetch(q.key, entry)
+                self.rcodes[entry.rcode] += 1
+                return self._reply(data, q, entry, body, tcp)
+        if q.edns_version:
+            self.rcodes[BADVERS & 0xF] += 1
+            return error_reply(data, q, BADVERS)
+        if q.qclass != CLASS_IN:
+            self.rcodes[REFUSED] += 1
+            return error_reply(data, q, REFUSED)
+        if q.qtype not in FORWARDABLE:
+            self.rcodes[NOTIMP] += 1
+            return error_reply(data, q, NOTIMP)
+        if q.qtype == TYPE_AAAA and self.no_aaaa:
+            self.rcodes[NOERROR] += 1
+            return error_reply(data, q, NOERROR)
+        cache.misses += 1
+        return self._miss(data, q, tcp)
+
+    async def _miss(self, data: bytes, q: ParsedQuery, tcp: bool) -> bytes | None:
+        entry, stale = await self.resolver.resolve(q.key)
+        if stale:
+            body = entry.stale_body()
+        else:
+            age = int(time.monotonic() - entry.stored)
+            body = entry.body if age <= entry.age else entry.render(age)
+        self.rcodes[entry.rcode] += 1
+        return self._reply(data, q, entry, body, tcp)
+
+    def _reply(self, data: bytes, q: ParsedQuery, entry: Entry, body: bytes, tcp: bool) -> bytes:
+        question = data[12 : q.qend]
+        rd = data[2] & 1
+        if q.edns:
+            reply = b"".join((data[:2], _B2[rd], entry.hdr_edns, question, body, OPT_RR))
+        else:
+            reply = b"".join((data[:2], _B2[rd], entry.hdr, question, body))
+        if tcp or len(reply) <= q.udp_size:
+            return reply
+        # Does not fit the client's UDP size: header + question (+ OPT) with TC=1, so the
+        # client retries over TCP (RFC 7766).
+        self.truncated += 1
+        return b"".join((data[:2], _B2_TC[rd], entry.hdr[:1], _TC_TAIL[q.edns], question,
+                         OPT_RR if q.edns else b""))
+

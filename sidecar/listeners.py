@@ -1,0 +1,328 @@
+"""UDP and TCP listeners: bytes in from the network, replies out, nothing else.
+
+TCP follows RFC 7766: two-byte length prefix, several (also pipelined) queries per
+connection, replies in completion order, an idle timeout, a bound on open connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import time
+from collections.abc import Callable
+
+from .config import HostPort
+from .errors import StartupError
+
+log = logging.getLogger("sidecar.listen")
+
+Handle = Callable[[bytes, str, bool], object]
+
+#: Queries one TCP connection may have in flight before we stop reading from it.
+TCP_MAX_PENDING = 128
+
+
+def _coro_reply(reply: object) -> bool:
+    return reply is not None and type(reply) is not bytes
+
+
+class UdpListener(asyncio.DatagramProtocol):
+    """One UDP socket. ``received`` counts datagrams; ``pending`` holds miss tasks."""
+
+    def __init__(self, handle: Handle) -> None:
+        self.handle = handle
+        self.transport: asyncio.DatagramTransport | None = None
+        self.received = 0
+        self.errors = 0
+        self.pending: set[asyncio.Task] = set()
+        self.closing = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        if self.closing:
+            return
+        self.received += 1
+        try:
+            reply = self.handle(data, addr[0], False)
+        except Exception:
+            self.errors += 1
+            log.exception("handler failed on a UDP query from %s", addr[0])
+            return
+        if reply is None:
+            return
+        if type(reply) is bytes:
+            self.transport.sendto(reply, addr)  # type: ignore[union-attr]
+            return
+        task = asyncio.ensure_future(self._finish(reply, addr))  # type: ignore[arg-type]
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+
+    async def _finish(self, coro, addr: tuple) -> None:
+        try:
+            reply = await coro
+        except Exception:
+            self.errors += 1
+            log.exception("miss path failed for a UDP query from %s", addr[0])
+            return
+        if reply is not None and self.transport is not None and not self.transport.is_closing():
+            self.transport.sendto(reply, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors for replies to vanished clients: nothing to do.
+        self.errors += 1
+
+
+class TcpConnection(asyncio.Protocol):
+    """One client TCP connection."""
+
+    def __init__(self, server: TcpListener) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.host = ""
+        self.pending = 0
+        self.last_active = time.monotonic()
+        self.timer: asyncio.TimerHandle | None = None
+        self.paused_reading = False
+        self.write_paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        srv = self.server
+        if srv.closing or len(srv.connections) >= srv.max_connections:
+            srv.rejected += 1
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        peer = transport.get_extra_info("peername")
+        self.host = peer[0] if peer else ""
+        srv.connections.add(self)
+        srv.accepted += 1
+        self.timer = asyncio.get_running_loop().call_later(srv.idle_timeout, self._idle_check)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.transport = None
+
+    def _idle_check(self) -> None:
+        if self.transport is None:
+            return
+        idle = time.monotonic() - self.last_active
+        timeout = self.server.idle_timeout
+        if self.pending == 0 and idle >= timeout:
+            self.server.idle_closed += 1
+            self.transport.close()
+            return
+        wait = timeout - idle if self.pending == 0 else timeout
+        self.timer = asyncio.get_running_loop().call_later(max(wait, 0.05), self._idle_check)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
+        buf = self.buf
+        buf += data
+        while len(buf) >= 2:
+            size = (buf[0] << 8) | buf[1]
+            if len(buf) < 2 + size:
+                break
+            msg = bytes(buf[2 : 2 + size])
+            del buf[: 2 + size]
+            self.server.received += 1
+            self._dispatch(msg)
+            if self.transport is None:
+                return
+
+    def eof_received(self) -> bool:
+        # Half-close: keep the write side open until pending replies are out.
+        if self.pending == 0 and self.transport is not None:
+            self.transport.close()
+        return True
+
+    def _dispatch(self, msg: bytes) -> None:
+        try:
+            reply = self.server.handle(msg, self.host, True)
+        except Exception:
+            self.server.errors += 1
+            log.exception("handler failed on a TCP query from %s", self.host)
+            return
+        if reply is None:
+            return
+        if type(reply) is bytes:
+            self._send(reply)
+            return
+        self.pending += 1
+        if self.pending >= TCP_MAX_PENDING and not self.paused_reading and self.transport:
+            self.transport.pause_reading()
+            self.paused_reading = True
+        task = asyncio.ensure_future(self._finish(reply))
+        self.server.pending.add(task)
+        task.add_done_callback(self.server.pending.discard)
+
+    async def _finish(self, coro) -> None:
+        try:
+            reply = await coro
+        except Exception:
+            self.server.errors += 1
+            log.exception("miss path failed for a TCP query from %s", self.host)
+            reply = None
+        finally:
+            self.pending -= 1
+        if reply is not None:
+            self._send(reply)
+        t = self.transport
+        if t is None:
+            return
+        if self.paused_reading and self.pending < TCP_MAX_PENDING // 2 and not self.write_paused:
+            t.resume_reading()
+            self.paused_reading = False
+        if self.pending == 0 and (t.is_closing() or not t.is_reading() and self.server.closing):
+            t.close()
+
+    def _send(self, reply: bytes) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.write(len(reply).to_bytes(2, "big") + reply)
+            self.last_active = time.monotonic()
+
+    def pause_writing(self) -> None:
+        # The client does not read its replies: stop reading its queries.
+        self.write_paused = True
+        if self.transport is not None and not self.paused_reading:
+            self.transport.pause_reading()
+            self.paused_reading = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.transport is not None and self.paused_reading and self.pending < TCP_MAX_PENDING:
+            self.transport.resume_reading()
+            self.paused_reading = False
+
+
+class TcpListener:
+    """Accepts connections on one address and tracks them."""
+
+    def __init__(self, handle: Handle, max_connections: int, idle_timeout: float) -> None:
+        self.handle = handle
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.connections: set[TcpConnection] = set()
+        self.pending: set[asyncio.Task] = set()
+        self.server: asyncio.base_events.Server | None = None
+        self.received = 0
+        self.accepted = 0
+        self.rejected = 0
+        self.idle_closed = 0
+        self.errors = 0
+        self.closing = False
+
+    def protocol(self) -> TcpConnection:
+        return TcpConnection(self)
+
+
+def _udp_socket(addr: HostPort, rcvbuf: int) -> tuple[socket.socket, int]:
+    family = socket.AF_INET6 if addr.family_v6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        got = 0
+        if rcvbuf:
+            # SO_RCVBUFFORCE passes net.core.rmem_max when we have CAP_NET_ADMIN; otherwise
+            # the kernel silently caps SO_RCVBUF at rmem_max.
+            for opt in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
+                if opt is None:
+                    continue
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, opt, rcvbuf)
+                    break
+                except OSError:
+                    continue
+        got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        sock.bind((addr.host, addr.port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, got
+
+
+async def open_listeners(addrs: tuple[HostPort, ...], handle: Handle, *, rcvbuf: int,
+                         tcp_max_connections: int, tcp_idle_timeout: float
+                         ) -> tuple[list[UdpListener], list[TcpListener], list[HostPort], int]:
+    """Bind UDP and TCP on every address (same port for both; port 0 picks one).
+
+    Returns the listeners, the bound addresses and the UDP receive buffer the kernel granted.
+    Raises :class:`StartupError` when an address cannot be bound.
+    """
+    loop = asyncio.get_running_loop()
+    udps: list[UdpListener] = []
+    tcps: list[TcpListener] = []
+    bound: list[HostPort] = []
+    granted = 0
+    try:
+        for addr in addrs:
+            for attempt in range(20):
+                try:
+                    sock, granted = _udp_socket(addr, rcvbuf)
+                except OSError as exc:
+                    raise StartupError(f"cannot listen on {addr} (udp): {exc.strerror or exc}") from None
+                port = sock.getsockname()[1]
+                real = HostPort(addr.host, port)
+                tcp = TcpListener(handle, tcp_max_connections, tcp_idle_timeout)
+                try:
+                    tcp.server = await loop.create_server(
+                        tcp.protocol, host=real.host, port=port, reuse_address=True,
+                        backlog=1024)
+                except OSError as exc:
+                    sock.close()
+                    if addr.port == 0 and exc.errno == errno.EADDRINUSE and attempt < 19:
+                        continue
+                    raise StartupError(
+                        f"cannot listen on {real} (tcp): {exc.strerror or exc}") from None
+                _t, udp = await loop.create_datagram_endpoint(
+                    lambda: UdpListener(handle), sock=sock)
+                udps.append(udp)  # type: ignore[arg-type]
+                tcps.append(tcp)
+                bound.append(real)
+                break
+    except BaseException:
+        await close_listeners(udps, tcps, drain=0)
+        raise
+    return udps, tcps, bound, granted
+
+
+async def close_listeners(udps: list[UdpListener], tcps: list[TcpListener],
+                          drain: float) -> None:
+    """Stop taking queries, wait up to ``drain`` seconds for in-flight ones, then close."""
+    for u in udps:
+        u.closing = True
+    for t in tcps:
+        t.closing = True
+        if t.server is not None:
+            t.server.close()
+        for conn in list(t.connections):
+            if conn.transport is not None:
+                if conn.pending == 0:
+                    conn.transport.close()
+                else:
+                    conn.transport.pause_reading()
+    pending = set().union(*(u.pending for u in udps), *(t.pending for t in tcps))
+    if pending and drain > 0:
+        await asyncio.wait(pending, timeout=drain)
+    for u in udps:
+        if u.transport is not None:
+            u.transport.close()
+    for t in tcps:
+        for conn in list(t.connections):
+            if conn.transport is not None:
+                conn.transport.close()
+        if t.server is not None:
+            try:
+                await asyncio.wait_for(t.server.wait_closed(), 1.0)
+            except TimeoutError:
+                pass

@@ -1,0 +1,154 @@
+"""Upstream pools: server selection, failover inside the time budget, zone routing, probes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Iterable
+
+from .config import HostPort
+from .encode import Answer
+from .errors import ResolveFailed, UpstreamError
+from .upstream import Upstream
+
+log = logging.getLogger("sidecar.pool")
+
+#: Share of queries sent to a random healthy server other than the fastest, so a server that
+#: became faster (or recovered) is noticed without waiting for the fastest one to fail.
+EXPLORE_SHARE = 0.05
+PROBE_TICK = 0.25
+
+
+class Pool:
+    """The servers for one zone suffix (``""`` is the default pool).
+
+    Selection: healthy servers by ascending EWMA RTT (unmeasured first, so every server gets
+    measured), with 5% exploration; quarantined servers after them, least recently failed
+    first, so an all-quarantined pool still tries someone. A try that times out, is refused,
+    SERVFAILs or cannot be sent moves on to the next server while the budget
+    (``timeout`` x ``tries``) lasts; NXDOMAIN and NODATA are answers.
+    """
+
+    def __init__(self, name: str, servers: Iterable[HostPort], timeout: float, tries: int) -> None:
+        self.name = name
+        self.timeout = timeout
+        self.tries = tries
+        self.upstreams = [Upstream(s, name or ".", timeout) for s in servers]
+        self.failures = 0  # queries that no server answered
+
+    @property
+    def label(self) -> str:
+        return self.name or "."
+
+    def healthy_count(self) -> int:
+        return sum(1 for u in self.upstreams if u.health.healthy)
+
+    def order(self) -> list[Upstream]:
+        healthy = [u for u in self.upstreams if u.health.healthy]
+        sick = [u for u in self.upstreams if not u.health.healthy]
+        healthy.sort(key=lambda u: -1.0 if u.latency.ewma is None else u.latency.ewma)
+        if len(healthy) > 1 and random.random() < EXPLORE_SHARE:
+            i = random.randrange(1, len(healthy))
+            healthy[0], healthy[i] = healthy[i], healthy[0]
+        sick.sort(key=lambda u: (u.health.consecutive_failures, u.health.quarantined_at))
+        return healthy + sick
+
+    async def query(self, name: str, qtype: str) -> Answer:
+        """Resolve through the pool; raise :class:`ResolveFailed` when nobody answered."""
+        order = self.order()
+        deadline = time.monotonic() + self.timeout * self.tries
+        # Every server gets a chance at fast failures; slow ones are bounded by the deadline.
+        attempts = max(self.tries, len(order))
+        last = "timeout"
+        tried = 0
+        for i in range(attempts):
+            left = deadline - time.monotonic()
+            if left <= 0.001:
+                break
+            server = order[i % len(order)]
+            tried += 1
+            try:
+                return await server.query(name, qtype, min(self.timeout, left))
+            except UpstreamError as exc:
+                last = exc.kind
+                if exc.kind == "badname":
+                    break
+        self.failures += 1
+        raise ResolveFailed(last, tried)
+
+    async def probe_due(self, now: float) -> None:
+        """Probe quarantined servers whose back-off has elapsed (concurrently)."""
+        due = [u for u in self.upstreams if u.health.due(now)]
+        if not due:
+            return
+        for u in due:
+            # Push probe_at forward first so a slow probe is not started twice.
+            u.health.probe_at = now + u.timeout + u.health.backoff
+        results = await asyncio.gather(*(u.probe() for u in due), return_exceptions=True)
+        for u, ok in zip(due, results, strict=True):
+            if ok is True:
+                if u.health.success():
+                    log.info("upstream %s (pool %s) passed its probe: healthy", u.address,
+                             self.label)
+            else:
+                u.health.probe_failed()
+
+    async def close(self) -> None:
+        for u in self.upstreams:
+            await u.close()
+
+
+class PoolSet:
+    """All pools; routes a name to the pool of its longest matching zone suffix."""
+
+    def __init__(self, default: Iterable[HostPort], zones: Iterable[tuple[str, Iterable[HostPort]]],
+                 timeout: float, tries: int) -> None:
+        self.default = Pool("", default, timeout, tries)
+        self.zones: dict[str, Pool] = {}
+        for suffix, servers in zones:
+            self.zones[suffix] = Pool(suffix, servers, timeout, tries)
+        self._probe_task: asyncio.Task | None = None
+
+    @property
+    def pools(self) -> list[Pool]:
+        return [self.default, *self.zones.values()]
+
+    def pool_for(self, name: str) -> Pool:
+        """``name`` is lower-case, without trailing dot."""
+        if self.zones:
+            probe = name
+            while True:
+                pool = self.zones.get(probe)
+                if pool is not None:
+                    return pool
+                dot = probe.find(".")
+                if dot < 0:
+                    break
+                probe = probe[dot + 1 :]
+        return self.default
+
+    def start(self) -> None:
+        if self._probe_task is None:
+            self._probe_task = asyncio.get_running_loop().create_task(self._probe_loop())
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PROBE_TICK)
+            now = time.monotonic()
+            try:
+                await asyncio.gather(*(p.probe_due(now) for p in self.pools))
+            except Exception:  # pragma: no cover - a probe must never kill the loop
+                log.exception("probe round failed")
+
+    async def close(self) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            try:
+                await self._probe_task
+            except asyncio.CancelledError:
+                pass
+            self._probe_task = None
+        for p in self.pools:
+            await p.close()

@@ -1,0 +1,141 @@
+"""The miss path: coalesce, bound what is in flight, ask the pools, encode and cache.
+
+Also serve-stale (RFC 8767) and prefetch. The hot path (``handler``) only calls in here when
+the cache has no fresh entry, or to start a prefetch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from .cache import Cache, Entry
+from .coalesce import Coalescer
+from .encode import FORWARDABLE, TtlPolicy, build_entry, servfail_entry
+from .errors import ResolveFailed
+from .pool import PoolSet
+from .soa import SoaFinder
+from .wire import NXDOMAIN, SERVFAIL, key_type, qname_text
+
+log = logging.getLogger("sidecar.resolver")
+
+#: After a failed refresh, stale answers are served at once for this long before the
+#: upstreams are asked again (RFC 8767's "failure recheck", which it bounds at 5 minutes).
+STALE_RECHECK = 5.0
+
+
+class Resolver:
+    """``await resolve(key)`` -> (entry, stale). Never raises: failures become SERVFAIL."""
+
+    def __init__(self, cache: Cache, pools: PoolSet, policy: TtlPolicy, *,
+                 max_inflight: int = 1024, budget: float = 4.0, serve_stale: int = 0) -> None:
+        self.cache = cache
+        self.pools = pools
+        self.policy = policy
+        self.serve_stale = serve_stale
+        self.budget = budget
+        self.coalescer: Coalescer[tuple[Entry, bool]] = Coalescer()
+        self.soa = SoaFinder(pools)
+        self._slots = asyncio.Semaphore(max_inflight)
+        self.max_inflight = max_inflight
+        self.waiting = 0          # fetches queued for a slot right now
+        self.shed = 0             # fetches that waited a whole budget for a slot
+        self.failed = 0           # fetches that ended in SERVFAIL
+        self._recheck: dict[bytes, float] = {}
+
+    @property
+    def inflight(self) -> int:
+        return len(self.coalescer)
+
+    async def resolve(self, key: bytes) -> tuple[Entry, bool]:
+        if self.serve_stale:
+            until = self._recheck.get(key)
+            if until is not None:
+                if until > time.monotonic():
+                    old = self._usable_stale(key)
+                    if old is not None:
+                        self.cache.stale_served += 1
+                        return old, True
+                del self._recheck[key]
+        entry, stale = await self.coalescer.run(key, lambda: self._fetch(key))
+        if stale:
+            self.cache.stale_served += 1
+        return entry, stale
+
+    def prefetch(self, key: bytes, entry: Entry) -> None:
+        """Refresh ``key`` in the background (once per entry; joins a fetch in flight)."""
+        entry.prefetch_at = float("inf")
+        if self.coalescer.joinable(key):
+            return
+        self.cache.prefetched += 1
+        self.coalescer.run(key, lambda: self._fetch(key))
+
+    def _usable_stale(self, key: bytes) -> Entry | None:
+        old = self.cache.get(key)
+        if old is None or old.rcode == SERVFAIL:
+            return None
+        now = time.monotonic()
+        if old.expires <= now < old.expires + self.serve_stale:
+            return old
+        return None
+
+    async def _fetch(self, key: bytes) -> tuple[Entry, bool]:
+        try:
+            return await self._fetch_inner(key)
+        except Exception:
+            log.exception("miss path failed for %r", key)
+            self.failed += 1
+            return servfail_entry(time.monotonic(), self.policy), False
+
+    async def _fetch_inner(self, key: bytes) -> tuple[Entry, bool]:
+        name = qname_text(key)
+        qtype = key_type(key)
+        self.waiting += 1
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self.budget)
+        except TimeoutError:
+            self.shed += 1
+            log.warning("upstream concurrency bound (%d) full for %.1fs: SERVFAIL for %s",
+                        self.max_inflight, self.budget, name)
+            return self._failure(key, "shed")
+        finally:
+            self.waiting -= 1
+        try:
+            pool = self.pools.pool_for(name)
+            try:
+                answer = await pool.query(name, FORWARDABLE[qtype])
+            except ResolveFailed as exc:
+                return self._failure(key, exc.kind)
+            soa = None
+            cname_only = answer.answer and all(r.type == 5 for r in answer.answer) and qtype != 5
+            if answer.rcode == NXDOMAIN or not answer.answer or (
+                    cname_only and not any(r.type == 6 for r in answer.authority)):
+                target = name
+                if cname_only:
+                    target = answer.answer[-1].data.cname.rstrip(".").lower()
+                soa = await self.soa.find(target, include_self=answer.rcode != NXDOMAIN)
+        finally:
+            self._slots.release()
+        now = time.monotonic()
+        entry = build_entry(key, qtype, answer, soa, self.policy, now)
+        if entry.expires > now:
+            self.cache.put(key, entry)
+        else:
+            self.cache.delete(key)
+        self._recheck.pop(key, None)
+        return entry, False
+
+    def _failure(self, key: bytes, kind: str) -> tuple[Entry, bool]:
+        self.failed += 1
+        if self.serve_stale:
+            old = self._usable_stale(key)
+            if old is not None:
+                if len(self._recheck) > 100_000:
+                    self._recheck.clear()
+                self._recheck[key] = time.monotonic() + STALE_RECHECK
+                return old, True
+        entry = servfail_entry(time.monotonic(), self.policy)
+        if self.policy.servfail_ttl > 0 and not (self.serve_stale and self.cache.get(key)):
+            self.cache.put(key, entry)
+        return entry, False

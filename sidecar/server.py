@@ -1,0 +1,175 @@
+"""The sidecar process: wires listeners -> handler -> cache -> resolver -> pools, runs them.
+
+``Sidecar`` is the in-process object tests and embedders use; ``run`` is the process main
+with signal handling, lame duck and drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+
+from . import cares
+from .acl import Acl
+from .cache import Cache
+from .config import Config, HostPort
+from .encode import TtlPolicy
+from .errors import StartupError
+from .handler import QueryHandler
+from .listeners import TcpListener, UdpListener, close_listeners, open_listeners
+from .pool import PoolSet
+from .resolver import Resolver
+
+log = logging.getLogger("sidecar")
+
+#: Longest we wait for in-flight queries on shutdown.
+DRAIN_SECONDS = 5.0
+
+
+class Sidecar:
+    """A running DNS cache. ``await start()``, then ``dns_addresses`` / ``http_address``
+    tell where it listens; ``await stop()`` drains and closes."""
+
+    def __init__(self, config: Config) -> None:
+        config.validate()
+        self.config = config
+        self.started_at = time.monotonic()
+        self.cache = Cache(config.cache_size)
+        self.pools = PoolSet(config.upstreams, config.zones, config.timeout, config.tries)
+        self.policy = TtlPolicy(config.min_ttl, config.max_ttl, config.max_negative_ttl,
+                                config.servfail_ttl, config.prefetch)
+        self.resolver = Resolver(self.cache, self.pools, self.policy,
+                                 max_inflight=config.max_inflight,
+                                 budget=config.timeout * config.tries,
+                                 serve_stale=config.serve_stale)
+        self.acl = Acl(config.allow)
+        self.handler = QueryHandler(self.cache, self.resolver, acl=self.acl,
+                                    no_aaaa=config.no_aaaa)
+        self.udp: list[UdpListener] = []
+        self.tcp: list[TcpListener] = []
+        self.dns_addresses: list[HostPort] = []
+        self.http_address: HostPort | None = None
+        self.udp_rcvbuf = 0
+        self.serving = False
+        self.lameduck = False
+        self._api = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        """Bind every listener and the API; raise :class:`StartupError` when one cannot."""
+        if not self.config.upstreams:
+            raise StartupError("no upstream known; use --upstream")
+        self.udp, self.tcp, self.dns_addresses, self.udp_rcvbuf = await open_listeners(
+            self.config.listen, self.handler.handle, rcvbuf=self.config.udp_rcvbuf,
+            tcp_max_connections=self.config.tcp_max_connections,
+            tcp_idle_timeout=self.config.tcp_idle_timeout)
+        self.pools.start()
+        if self.config.http is not None:
+            from .api import ApiServer
+
+            self._api = ApiServer(self)
+            try:
+                self.http_address = await self._api.start(self.config.http)
+            except BaseException:
+                await self.stop(drain=0)
+                raise
+        self.started_at = time.monotonic()
+        self.serving = True
+        self._warn_exposure()
+        log.info(
+            "dns-sidecar listening on %s (udp+tcp), http %s; upstreams %s%s; udp rcvbuf %d bytes;"
+            " c-ares query cache %s",
+            ", ".join(map(str, self.dns_addresses)),
+            self.http_address or "off",
+            ",".join(u.address for u in self.pools.default.upstreams),
+            "".join(f"; zone {z}: " + ",".join(u.address for u in p.upstreams)
+                    for z, p in self.pools.zones.items()),
+            self.udp_rcvbuf,
+            "on (could not disable)" if cares.qcache_disabled is False else "off",
+        )
+
+    def _warn_exposure(self) -> None:
+        public = [a for a in self.dns_addresses if not _is_loopback(a.host)]
+        if public and self.acl.loopback_only:
+            log.warning("listening on %s with the default --allow: only loopback clients will be"
+                        " answered (others get REFUSED); set --allow to the clients' CIDRs",
+                        ", ".join(map(str, public)))
+
+    @property
+    def ready(self) -> bool:
+        """Serving, not in lame duck, and every pool has a healthy upstream."""
+        return (self.serving and not self.lameduck
+                and all(p.healthy_count() > 0 for p in self.pools.pools))
+
+    @property
+    def uptime(self) -> float:
+        return time.monotonic() - self.started_at
+
+    async def stop(self, drain: float = DRAIN_SECONDS) -> None:
+        """Stop taking queries, answer what is in flight (up to ``drain`` s), close all."""
+        self.serving = False
+        await close_listeners(self.udp, self.tcp, drain)
+        if self._api is not None:
+            await self._api.stop()
+            self._api = None
+        await self.pools.close()
+        self._stopped.set()
+
+    async def __aenter__(self) -> Sidecar:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def _is_loopback(host: str) -> bool:
+    return host.startswith("127.") or host == "::1"
+
+
+async def serve(config: Config) -> int:
+    """Run until SIGTERM/SIGINT; lame duck first when configured. Returns the exit code."""
+    sidecar = Sidecar(config)
+    await sidecar.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    got: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        if got:
+            log.warning("second signal: stopping now")
+            os._exit(0)
+        got.append(signum)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    await stop.wait()
+    name = signal.Signals(got[0]).name
+    if config.lameduck > 0:
+        sidecar.lameduck = True
+        log.info("%s: lame duck for %.1fs (not ready, still answering)", name, config.lameduck)
+        await asyncio.sleep(config.lameduck)
+    log.info("%s: draining and stopping", name)
+    await sidecar.stop()
+    log.info("stopped")
+    return 0
+
+
+def run(config: Config) -> int:
+    """Process entry: logging, event loop (uvloop when installed), serve."""
+    from .log import setup_logging
+
+    setup_logging(config.log_level, config.log_format)
+    use_uvloop = os.environ.get("DNS_SIDECAR_NO_UVLOOP", "") in ("", "0")
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            use_uvloop = False
+    if use_uvloop:
+        return uvloop.run(serve(config))
+    return asyncio.run(serve(config))

@@ -1,0 +1,142 @@
+"""One upstream nameserver: its own c-ares channel, outcome counters, latency and health."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aiodns
+from aiodns.error import DNSError
+
+from .cares import make_resolver
+from .config import HostPort
+from .encode import Answer
+from .errors import UpstreamError
+from .health import Health
+from .latency import LatencyTracker
+from .wire import NOERROR, NXDOMAIN
+
+log = logging.getLogger("sidecar.upstream")
+errlog = logging.getLogger("sidecar.resolver_errors")
+
+# c-ares status codes (pycares.errno) -> what they mean for us.
+_ENODATA, _ESERVFAIL, _ENOTFOUND, _EREFUSED, _EBADNAME = 1, 3, 4, 6, 8
+_ECONNREFUSED, _ETIMEOUT = 11, 12
+_FAILURE_KINDS = {_ESERVFAIL: "servfail", _EREFUSED: "refused", _ECONNREFUSED: "unreachable",
+                  _ETIMEOUT: "timeout"}
+#: Failures that say the server itself is not usable (they count towards quarantine).
+#: SERVFAIL and REFUSED do not: both are often about one name (broken authorities, a policy
+#: zone), and a resolver that answers at all is alive. They still fail over to the next server.
+NETWORK_FAILURES = frozenset(("timeout", "unreachable"))
+#: At most one resolver-error log line per server and kind in this many seconds.
+LOG_EVERY = 1.0
+
+OUTCOMES = ("ok", "nxdomain", "nodata", "servfail", "refused", "timeout", "unreachable", "error")
+
+
+class Upstream:
+    """A nameserver of a pool. ``query`` returns an :class:`Answer` or raises
+    :class:`UpstreamError`; every outcome is counted and timed here."""
+
+    def __init__(self, addr: HostPort, pool: str, timeout: float) -> None:
+        self.addr = addr
+        self.address = str(addr)
+        self.pool = pool
+        self.timeout = timeout
+        self._resolver: aiodns.DNSResolver | None = None
+        self.queries = 0
+        self.inflight = 0
+        self.outcomes = dict.fromkeys(OUTCOMES, 0)
+        self.latency = LatencyTracker()
+        self.health = Health()
+        self.probes = 0
+        self._logged: dict[str, tuple[float, int]] = {}
+
+    @property
+    def resolver(self) -> aiodns.DNSResolver:
+        # Created lazily: aiodns binds the running loop at construction.
+        if self._resolver is None:
+            self._resolver = make_resolver(self.address, self.timeout)
+        return self._resolver
+
+    async def query(self, name: str, qtype: str, timeout: float | None = None) -> Answer:
+        """Ask this server once, waiting at most ``timeout`` seconds (c-ares may retransmit
+        inside that window)."""
+        timeout = self.timeout if timeout is None else timeout
+        self.queries += 1
+        self.inflight += 1
+        t0 = time.monotonic()
+        try:
+            result = await asyncio.wait_for(self.resolver.query_dns(name, qtype), timeout)
+        except TimeoutError:
+            raise self._fail("timeout", f"no answer in {timeout:.3g}s", name, qtype,
+                             time.monotonic() - t0) from None
+        except DNSError as exc:
+            code = exc.args[0] if exc.args else None
+            elapsed = time.monotonic() - t0
+            if code == _ENOTFOUND:
+                self._ok("nxdomain", elapsed)
+                return Answer(NXDOMAIN)
+            if code == _ENODATA:
+                self._ok("nodata", elapsed)
+                return Answer(NOERROR)
+            if code == _EBADNAME:
+                # Our name, not the server: no health penalty.
+                self.outcomes["error"] += 1
+                raise UpstreamError("badname", str(exc), self.address) from None
+            kind = _FAILURE_KINDS.get(code, "error")
+            raise self._fail(kind, exc.args[1] if len(exc.args) > 1 else str(exc), name,
+                             qtype, elapsed) from None
+        finally:
+            self.inflight -= 1
+        self._ok("ok", time.monotonic() - t0)
+        return Answer(NOERROR, list(result.answer), list(result.authority))
+
+    def _ok(self, outcome: str, elapsed: float) -> None:
+        self.outcomes[outcome] += 1
+        self.latency.observe(elapsed)
+        if self.health.success():
+            log.info("upstream %s (pool %s) is healthy again", self.address, self.pool)
+
+    def _fail(self, kind: str, message: str, name: str, qtype: str,
+              elapsed: float) -> UpstreamError:
+        self.outcomes[kind] += 1
+        if kind == "timeout":
+            self.latency.penalize(elapsed)
+        # Resolver errors get their own logger so they can be routed and counted apart
+        # from everything else ("a DNSError is not a ClientConnectorError").
+        now = time.monotonic()
+        last, suppressed = self._logged.get(kind, (0.0, 0))
+        if now - last >= LOG_EVERY:
+            errlog.warning("upstream %s (pool %s) %s for %s/%s: %s%s", self.address, self.pool,
+                           kind, name, qtype, message,
+                           f" (+{suppressed} more since last line)" if suppressed else "")
+            self._logged[kind] = (now, 0)
+        else:
+            self._logged[kind] = (last, suppressed + 1)
+        if kind in NETWORK_FAILURES and self.health.failure(kind):
+            log.warning("upstream %s (pool %s) quarantined after %d consecutive failures (%s)",
+                        self.address, self.pool, self.health.consecutive_failures, kind)
+        return UpstreamError(kind, message, self.address)
+
+    async def probe(self) -> bool:
+        """One health probe (``. NS``); True when the server answered at all."""
+        self.probes += 1
+        try:
+            await asyncio.wait_for(self.resolver.query_dns(".", "NS"), self.timeout)
+        except TimeoutError:
+            return False
+        except DNSError as exc:
+            code = exc.args[0] if exc.args else None
+            # Any DNS answer, even SERVFAIL or NXDOMAIN, proves the server is alive.
+            return code in (_ENODATA, _ENOTFOUND, _ESERVFAIL)
+        return True
+
+    async def close(self) -> None:
+        if self._resolver is not None:
+            resolver, self._resolver = self._resolver, None
+            try:
+                await resolver.close()
+            except Exception:  # pragma: no cover - best effort at shutdown
+                pass

@@ -1,0 +1,266 @@
+"""Raw DNS wire helpers used on the hot path and for error replies.
+
+dnslib parses and packs a message in 20-50 us; these helpers touch only the bytes they need
+(header, question, OPT) in well under 1 us, so a cache hit never builds a dnslib object.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+from .errors import WireError
+
+# RCODEs
+NOERROR = 0
+FORMERR = 1
+SERVFAIL = 2
+NXDOMAIN = 3
+NOTIMP = 4
+REFUSED = 5
+BADVERS = 16  # extended rcode, carried in OPT
+
+RCODE_NAMES = {
+    0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED",
+    16: "BADVERS",
+}
+
+TYPE_OPT = 41
+CLASS_IN = 1
+
+#: Our own OPT record: root name, type 41, UDP payload 1232 (the DNS flag day value), no flags.
+OPT_RR = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"
+OUR_UDP_PAYLOAD = 1232
+MIN_UDP_PAYLOAD = 512
+
+_H = struct.Struct(">HHHHHH")
+_HH = struct.Struct(">HH")
+_OPT = struct.Struct(">HHIH")  # type, class (= udp size), ttl (= ext rcode/version/flags), rdlen
+_RR_FIXED = struct.Struct(">HHIH")  # type, class, ttl, rdlength
+_U32 = struct.Struct(">I")
+
+
+class ParsedQuery(NamedTuple):
+    """What the sidecar needs from a query. ``key`` is the lower-cased question (name wire
+    bytes + type + class), the cache key; ``qend`` is the offset just past the question."""
+
+    qid: int
+    flags: int
+    qend: int
+    key: bytes
+    qtype: int
+    qclass: int
+    edns: bool
+    udp_size: int
+    edns_version: int
+
+
+def question_end(data: bytes, offset: int = 12) -> int:
+    """Offset just past the QNAME starting at ``offset`` (uncompressed names only).
+
+    Raises :class:`WireError` on a pointer, a bad label length or a truncated name.
+    """
+    n = len(data)
+    pos = offset
+    total = 0
+    while True:
+        if pos >= n:
+            raise WireError("truncated name")
+        length = data[pos]
+        if length == 0:
+            return pos + 1
+        if length > 63:
+            raise WireError("bad label length or compression in question")
+        pos += length + 1
+        total += length + 1
+        if total > 255:
+            raise WireError("name too long")
+
+
+def parse_query(data: bytes) -> ParsedQuery:
+    """Parse header, single question and optional OPT of a query.
+
+    The caller has already checked the header (at least 12 bytes, QR=0, opcode QUERY).
+    Raises :class:`WireError` when the message is malformed (answer with FORMERR).
+    """
+    qid, flags, qd, an, ns, ar = _H.unpack_from(data)
+    if qd != 1:
+        raise WireError("QDCOUNT must be 1")
+    if an or ns:
+        raise WireError("query carries answer or authority records")
+    qname_end = question_end(data, 12)
+    qend = qname_end + 4
+    if qend > len(data):
+        raise WireError("truncated question")
+    qtype, qclass = _HH.unpack_from(data, qname_end)
+    edns = False
+    udp_size = MIN_UDP_PAYLOAD
+    version = 0
+    if ar:
+        if ar > 1:
+            raise WireError("more than one additional record")
+        pos = qend
+        # The only additional record we understand is OPT, owned by the root.
+        if pos + 11 > len(data):
+            raise WireError("truncated additional record")
+        if data[pos] != 0:
+            raise WireError("additional record is not OPT")
+        rtype, rclass, ttl, rdlen = _OPT.unpack_from(data, pos + 1)
+        if rtype != TYPE_OPT:
+            raise WireError("additional record is not OPT")
+        if pos + 11 + rdlen > len(data):
+            raise WireError("truncated OPT")
+        edns = True
+        udp_size = max(rclass, MIN_UDP_PAYLOAD)
+        version = (ttl >> 16) & 0xFF
+    key = data[12:qend].lower()
+    return ParsedQuery(qid, flags, qend, key, qtype, qclass, edns, udp_size, version)
+
+
+def header_only_reply(data: bytes, rcode: int) -> bytes:
+    """A reply with no sections, used when the question cannot be trusted (FORMERR, NOTIMP).
+
+    Keeps ID and opcode, copies RD, sets QR and RA.
+    """
+    b2 = 0x80 | (data[2] & 0x79)  # QR + opcode + RD (AA and TC cleared)
+    return data[:2] + bytes((b2, 0x80 | (rcode & 0x0F))) + b"\x00" * 8
+
+
+def error_reply(data: bytes, q: ParsedQuery, rcode: int) -> bytes:
+    """A reply echoing the question with no records (SERVFAIL, REFUSED, NOTIMP, BADVERS)."""
+    b2 = 0x80 | (data[2] & 0x01)
+    if q.edns:
+        ext = rcode >> 4
+        opt = b"\x00\x00\x29\x04\xd0" + bytes((ext, 0, 0, 0)) + b"\x00\x00"
+        header = data[:2] + bytes((b2, 0x80 | (rcode & 0x0F))) + b"\x00\x01\x00\x00\x00\x00\x00\x01"
+        return header + data[12 : q.qend] + opt
+    header = data[:2] + bytes((b2, 0x80 | (rcode & 0x0F))) + b"\x00\x01\x00\x00\x00\x00\x00\x00"
+    return header + data[12 : q.qend]
+
+
+def skip_name(msg: bytes, pos: int) -> int:
+    """Offset just past a (possibly compressed) name in a full message."""
+    n = len(msg)
+    while True:
+        if pos >= n:
+            raise WireError("truncated name")
+        length = msg[pos]
+        if length == 0:
+            return pos + 1
+        if length & 0xC0 == 0xC0:
+            return pos + 2
+        if length & 0xC0:
+            raise WireError("bad label type")
+        pos += length + 1
+
+
+def rr_ttl_offsets(msg: bytes, start: int, count: int) -> tuple[list[int], list[int], int]:
+    """Walk ``count`` resource records from ``start``; return (ttl offsets, ttls, end offset).
+
+    OPT records are skipped (their TTL field is not a TTL).
+    """
+    offsets: list[int] = []
+    ttls: list[int] = []
+    pos = start
+    for _ in range(count):
+        pos = skip_name(msg, pos)
+        if pos + 10 > len(msg):
+            raise WireError("truncated record")
+        rtype, _rclass, ttl, rdlen = _RR_FIXED.unpack_from(msg, pos)
+        if rtype != TYPE_OPT:
+            offsets.append(pos + 4)
+            ttls.append(ttl)
+        pos += 10 + rdlen
+        if pos > len(msg):
+            raise WireError("truncated rdata")
+    return offsets, ttls, pos
+
+
+def patch_ttls(body: bytes, offsets: list[int], ttls: list[int], age: int) -> bytes:
+    """Copy of ``body`` with every TTL at ``offsets`` set to ``ttl - age`` (never below 1)."""
+    buf = bytearray(body)
+    pack = _U32.pack_into
+    for off, ttl in zip(offsets, ttls, strict=True):
+        left = ttl - age
+        pack(buf, off, left if left > 0 else 1)
+    return bytes(buf)
+
+
+def qname_text(key: bytes) -> str:
+    """The presentation form of the name in a cache key, without the trailing dot.
+
+    Bytes outside letters, digits, '-', '_' and '*' are escaped as ``\\DDD``, dots and
+    backslashes inside labels as ``\\.`` and ``\\\\`` (what c-ares expects).
+    """
+    labels = []
+    pos = 0
+    while True:
+        length = key[pos]
+        if length == 0:
+            break
+        raw = key[pos + 1 : pos + 1 + length]
+        if raw.isalnum() and raw.isascii():
+            labels.append(raw.decode("ascii"))
+        else:
+            out = []
+            for ch in raw:
+                c = chr(ch)
+                if c.isascii() and (c.isalnum() or c in "-_*"):
+                    out.append(c)
+                elif c in ".\\":
+                    out.append("\\" + c)
+                else:
+                    out.append(f"\\{ch:03d}")
+            labels.append("".join(out))
+        pos += length + 1
+    return ".".join(labels)
+
+
+def key_type(key: bytes) -> int:
+    """The QTYPE of a cache key."""
+    return (key[-4] << 8) | key[-3]
+
+
+def make_key(name: str, qtype: int, qclass: int = CLASS_IN) -> bytes:
+    """Build a cache key from a presentation name (used by the API and pre-warm)."""
+    name = name.strip().rstrip(".")
+    out = bytearray()
+    if name:
+        for label in _split_labels(name):
+            if not label or len(label) > 63:
+                raise WireError(f"bad label in {name!r}")
+            out.append(len(label))
+            out += label
+    out.append(0)
+    if len(out) > 255:
+        raise WireError("name too long")
+    out += _HH.pack(qtype, qclass)
+    return bytes(out).lower()
+
+
+def _split_labels(name: str) -> list[bytes]:
+    labels: list[bytes] = []
+    cur = bytearray()
+    i = 0
+    while i < len(name):
+        c = name[i]
+        if c == "\\" and i + 1 < len(name):
+            nxt = name[i + 1]
+            if nxt.isdigit() and i + 3 < len(name) + 0 and name[i + 1 : i + 4].isdigit():
+                cur.append(int(name[i + 1 : i + 4]) & 0xFF)
+                i += 4
+                continue
+            cur += nxt.encode("latin-1")
+            i += 2
+            continue
+        if c == ".":
+            labels.append(bytes(cur))
+            cur = bytearray()
+        else:
+            try:
+                cur += c.encode("ascii")
+            except UnicodeEncodeError:
+                raise WireError(f"non-ASCII name {name!r} (use IDNA/punycode)") from None
+        i += 1
+    labels.append(bytes(cur))
+    return labels

@@ -1,0 +1,132 @@
+"""Shared fixtures: a fake upstream and real sidecars on loopback (ports picked by the OS)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+
+import dns.asyncquery
+import dns.message
+import dns.rdatatype
+import pytest
+
+from sidecar import Config, HostPort, Sidecar
+from tests.fakeupstream import FakeUpstream
+
+HAVE_API = importlib.util.find_spec("sidecar.api") is not None
+
+
+class RunningSidecar:
+    """A started in-process :class:`Sidecar` plus the addresses tests need."""
+
+    def __init__(self, sc: Sidecar, upstream: FakeUpstream) -> None:
+        self.sc = sc
+        self.upstream = upstream
+        addr = sc.dns_addresses[0]
+        self.host = addr.host
+        self.port = addr.port
+        self.dns_address = str(addr)
+        self.http_url = (f"http://{sc.http_address.host}:{sc.http_address.port}"
+                         if sc.http_address else None)
+
+    @property
+    def cache(self):
+        return self.sc.cache
+
+    async def stop(self) -> None:
+        if self.sc.serving:
+            await self.sc.stop(drain=1.0)
+
+    async def query(self, name: str, rdtype: str = "A", *, tcp: bool = False,
+                    timeout: float = 3.0, **kw) -> dns.message.Message:
+        return await query(self.port, name, rdtype, tcp=tcp, timeout=timeout, host=self.host, **kw)
+
+
+async def query(port: int, name: str, rdtype: str = "A", *, tcp: bool = False,
+                timeout: float = 3.0, host: str = "127.0.0.1", **kw) -> dns.message.Message:
+    """One real dnspython query to the sidecar."""
+    q = dns.message.make_query(name, dns.rdatatype.from_text(rdtype), **kw)
+    if tcp:
+        return await dns.asyncquery.tcp(q, host, port=port, timeout=timeout)
+    return await dns.asyncquery.udp(q, host, port=port, timeout=timeout)
+
+
+def base_config(upstream: FakeUpstream, **overrides) -> Config:
+    cfg = Config(
+        listen=(HostPort("127.0.0.1", 0),),
+        http=HostPort("127.0.0.1", 0) if HAVE_API else None,
+        upstreams=(HostPort("127.0.0.1", upstream.port),),
+        timeout=1.0,
+        tries=2,
+    )
+    return replace(cfg, **overrides)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeUpstream]:
+    up = FakeUpstream()
+    await up.start()
+    try:
+        yield up
+    finally:
+        await up.stop()
+
+
+@pytest.fixture
+async def make_sidecar(upstream: FakeUpstream
+                       ) -> AsyncIterator[Callable[..., Awaitable[RunningSidecar]]]:
+    started: list[RunningSidecar] = []
+
+    async def make(**overrides) -> RunningSidecar:
+        sc = Sidecar(base_config(upstream, **overrides))
+        await sc.start()
+        rs = RunningSidecar(sc, upstream)
+        started.append(rs)
+        return rs
+
+    try:
+        yield make
+    finally:
+        for rs in started:
+            await rs.stop()
+
+
+@pytest.fixture
+async def sidecar(make_sidecar) -> RunningSidecar:
+    return await make_sidecar()
+
+
+class RawUdp:
+    """A bare UDP client socket for malformed packets; replies are read in order."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.sock.connect((host, port))
+
+    def send(self, data: bytes) -> None:
+        self.sock.send(data)
+
+    async def recv(self, timeout: float = 3.0) -> bytes:
+        loop = asyncio.get_running_loop()
+        return await asyncio.wait_for(loop.sock_recv(self.sock, 65535), timeout)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def raw_udp():
+    socks: list[RawUdp] = []
+
+    def make(port: int) -> RawUdp:
+        s = RawUdp(port)
+        socks.append(s)
+        return s
+
+    yield make
+    for s in socks:
+        s.close()

@@ -1,0 +1,158 @@
+"""The real ``dns-sidecar`` process: start-up line, exit codes, SIGTERM, and ``dig``."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import dns.message
+import dns.query
+import dns.rcode
+import pytest
+
+from tests.fakeupstream import FakeUpstream
+
+
+def free_port() -> int:
+    """A port free for both UDP and TCP right now."""
+    for _ in range(50):
+        t = socket.socket()
+        t.bind(("127.0.0.1", 0))
+        port = t.getsockname()[1]
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            u.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            u.close()
+            t.close()
+        return port
+    raise RuntimeError("no free port")
+
+
+def sidecar_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sidecar", *args]
+
+
+@pytest.fixture
+def threaded_upstream():
+    up = FakeUpstream()
+    up.start_in_thread()
+    yield up
+    up.stop_in_thread()
+
+
+class Proc:
+    def __init__(self, args: list[str]) -> None:
+        self.p = subprocess.Popen(sidecar_cmd(*args), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+
+    def wait_for_line(self, needle: str, timeout: float = 15) -> str:
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(self.p.stderr, selectors.EVENT_READ)
+        import time
+
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if not sel.select(timeout=end - time.monotonic()):
+                break
+            line = self.p.stderr.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            if needle in line:
+                return line
+        raise AssertionError(f"{needle!r} not logged; got {self.lines!r}")
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+
+
+@pytest.fixture
+def procs():
+    started: list[Proc] = []
+
+    def start(*args: str) -> Proc:
+        pr = Proc(list(args))
+        started.append(pr)
+        return pr
+
+    yield start
+    for pr in started:
+        pr.kill()
+
+
+def test_sigterm_exits_zero_after_serving(threaded_upstream, procs):
+    port = free_port()
+    pr = procs("--listen", f"127.0.0.1:{port}", "--http", "off",
+               "--upstream", threaded_upstream.address)
+    line = pr.wait_for_line("listening on")
+    assert f"127.0.0.1:{port}" in line and threaded_upstream.address in line
+    r = dns.query.udp(dns.message.make_query("www.example.test", "A"), "127.0.0.1", port=port,
+                      timeout=3)
+    assert r.rcode() == dns.rcode.NOERROR and r.answer
+    r = dns.query.tcp(dns.message.make_query("www.example.test", "A"), "127.0.0.1", port=port,
+                      timeout=3)
+    assert r.answer
+    pr.p.send_signal(signal.SIGTERM)
+    assert pr.p.wait(timeout=10) == 0
+
+
+def test_bad_flag_exits_2_with_one_line(procs):
+    for args, needle in ((["--min-ttl", "-1"], "--min-ttl"),
+                         (["--upstream", "not-an-ip"], "--upstream"),
+                         (["--listen", "127.0.0.1"], "--listen"),
+                         (["--bogus"], "--bogus"),
+                         (["--upstream", "127.0.0.1", "--min-ttl", "90", "--max-ttl", "60"],
+                          "--min-ttl")):
+        pr = procs(*args)
+        out, err = pr.p.communicate(timeout=20)
+        assert pr.p.returncode == 2, (args, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], (args, err)
+
+
+def test_bad_env_value_exits_2(tmp_path):
+    env = {"DNS_SIDECAR_MIN_TTL": "soon", "PATH": "/usr/bin:/bin"}
+    p = subprocess.run(sidecar_cmd("--upstream", "127.0.0.1"), env=env, capture_output=True,
+                       text=True, timeout=20)
+    assert p.returncode == 2 and "--min-ttl" in p.stderr
+
+
+def test_port_in_use_exits_1(threaded_upstream):
+    holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    holder.bind(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
+    try:
+        p = subprocess.run(sidecar_cmd("--listen", f"127.0.0.1:{port}", "--http", "off",
+                                       "--upstream", threaded_upstream.address),
+                           capture_output=True, text=True, timeout=20)
+    finally:
+        holder.close()
+    assert p.returncode == 1
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(port) in lines[0] and "cannot" in lines[0]
+
+
+@pytest.mark.skipif(shutil.which("dig") is None, reason="dig is not installed")
+def test_dig_udp_and_tcp(threaded_upstream, procs):
+    port = free_port()
+    pr = procs("--listen", f"127.0.0.1:{port}", "--http", "off",
+               "--upstream", threaded_upstream.address)
+    pr.wait_for_line("listening on")
+    for extra in ([], ["+tcp"]):
+        out = subprocess.run(["dig", "@127.0.0.1", "-p", str(port), "+short", "+time=2",
+                              "+tries=1", *extra, "alias.example.test", "A"],
+                             capture_output=True, text=True, timeout=10).stdout.split()
+        assert out == ["www.example.test.", "10.0.0.1", "10.0.0.2"]
+    pr.p.send_signal(signal.SIGINT)
+    assert pr.p.wait(timeout=10) == 0
