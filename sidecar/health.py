@@ -1,10 +1,11 @@
 """Upstream health: when a server is quarantined, and when it may be probed again.
 
-A server is quarantined after ``FAILS_TO_QUARANTINE`` consecutive network failures (timeout,
-unreachable, REFUSED). SERVFAIL does not count: it usually says the *name's* authorities are
-broken, not the resolver, and quarantining a resolver for it would punish the whole pool.
-While quarantined, the prober sends a cheap query when ``probe_at`` comes; each failed probe
-doubles the wait (1 s up to 60 s), one good answer (probe or query) makes it healthy again.
+The first network failure (timeout, unreachable) makes a server *suspect*: live traffic
+prefers the others, and the prober checks it every ``SUSPECT_PROBE`` seconds, as CoreDNS's
+forward plugin does after an error. ``FAILS_TO_QUARANTINE`` consecutive failures (queries or
+probes) quarantine it: it gets no traffic while any other server is usable, and is probed
+with exponential back-off (1 s doubling up to 60 s). One answer, to a query or a probe, makes
+it healthy again. SERVFAIL and REFUSED do not count: they are usually about one name.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import time
 
 FAILS_TO_QUARANTINE = 3
+SUSPECT_PROBE = 0.5
 BACKOFF_START = 1.0
 BACKOFF_MAX = 60.0
 
@@ -51,8 +53,11 @@ class Health:
         """Record a network failure; True when this starts a quarantine."""
         self.last_error = kind
         self.consecutive_failures += 1
-        if self.state == HEALTHY and self.consecutive_failures >= FAILS_TO_QUARANTINE:
-            now = time.monotonic() if now is None else now
+        now = time.monotonic() if now is None else now
+        if self.state == HEALTHY and self.consecutive_failures < FAILS_TO_QUARANTINE:
+            self.probe_at = now + SUSPECT_PROBE
+            return False
+        if self.state == HEALTHY:
             self.state = QUARANTINED
             self.quarantines += 1
             self.quarantined_at = now
@@ -61,10 +66,20 @@ class Health:
             return True
         return False
 
-    def probe_failed(self, now: float | None = None) -> None:
+    def probe_failed(self, kind: str, now: float | None = None) -> bool:
+        """Record a failed probe; True when this starts a quarantine."""
         now = time.monotonic() if now is None else now
+        if self.state == HEALTHY:
+            return self.failure(kind, now)
+        self.last_error = kind
         self.backoff = min(self.backoff * 2, BACKOFF_MAX)
         self.probe_at = now + self.backoff
+        return False
+
+    @property
+    def suspect(self) -> bool:
+        return self.state == HEALTHY and self.consecutive_failures > 0
 
     def due(self, now: float) -> bool:
-        return self.state == QUARANTINED and now >= self.probe_at
+        """Whether the prober should check this server now (suspect or quarantined)."""
+        return (self.state == QUARANTINED or self.consecutive_failures > 0) and now >= self.probe_at

@@ -46,14 +46,19 @@ class Pool:
         return sum(1 for u in self.upstreams if u.health.healthy)
 
     def order(self) -> list[Upstream]:
-        healthy = [u for u in self.upstreams if u.health.healthy]
-        sick = [u for u in self.upstreams if not u.health.healthy]
-        healthy.sort(key=lambda u: -1.0 if u.latency.ewma is None else u.latency.ewma)
-        if len(healthy) > 1 and random.random() < EXPLORE_SHARE:
-            i = random.randrange(1, len(healthy))
-            healthy[0], healthy[i] = healthy[i], healthy[0]
+        """Servers in the order a query tries them."""
+        good, suspect, sick = [], [], []
+        for u in self.upstreams:
+            h = u.health
+            (good if h.healthy and not h.consecutive_failures else
+             suspect if h.healthy else sick).append(u)
+        good.sort(key=lambda u: -1.0 if u.latency.ewma is None else u.latency.ewma)
+        if len(good) > 1 and random.random() < EXPLORE_SHARE:
+            i = random.randrange(1, len(good))
+            good[0], good[i] = good[i], good[0]
+        suspect.sort(key=lambda u: u.health.consecutive_failures)
         sick.sort(key=lambda u: (u.health.consecutive_failures, u.health.quarantined_at))
-        return healthy + sick
+        return good + suspect + sick
 
     async def query(self, name: str, qtype: str) -> Answer:
         """Resolve through the pool; raise :class:`ResolveFailed` when nobody answered."""
@@ -79,21 +84,14 @@ class Pool:
         raise ResolveFailed(last, tried)
 
     async def probe_due(self, now: float) -> None:
-        """Probe quarantined servers whose back-off has elapsed (concurrently)."""
+        """Probe suspect and quarantined servers whose wait has elapsed (concurrently)."""
         due = [u for u in self.upstreams if u.health.due(now)]
         if not due:
             return
         for u in due:
             # Push probe_at forward first so a slow probe is not started twice.
             u.health.probe_at = now + u.timeout + u.health.backoff
-        results = await asyncio.gather(*(u.probe() for u in due), return_exceptions=True)
-        for u, ok in zip(due, results, strict=True):
-            if ok is True:
-                if u.health.success():
-                    log.info("upstream %s (pool %s) passed its probe: healthy", u.address,
-                             self.label)
-            else:
-                u.health.probe_failed()
+        await asyncio.gather(*(u.probe() for u in due), return_exceptions=True)
 
     async def close(self) -> None:
         for u in self.upstreams:

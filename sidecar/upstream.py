@@ -52,6 +52,30 @@ class Upstream:
         self.health = Health()
         self.probes = 0
         self._logged: dict[str, tuple[float, int]] = {}
+        self._waiters: list[tuple[str, asyncio.Future]] = []
+
+    @property
+    def state(self) -> str:
+        return self.health.state
+
+    async def wait_for_state(self, state: str) -> None:
+        """Return once the server is in ``state`` ("healthy" or "quarantined")."""
+        if self.health.state == state:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((state, fut))
+        await fut
+
+    def _state_changed(self) -> None:
+        keep = []
+        for state, fut in self._waiters:
+            if fut.done():
+                continue
+            if state == self.health.state:
+                fut.set_result(None)
+            else:
+                keep.append((state, fut))
+        self._waiters = keep
 
     @property
     def resolver(self) -> aiodns.DNSResolver:
@@ -98,6 +122,7 @@ class Upstream:
         self.latency.observe(elapsed)
         if self.health.success():
             log.info("upstream %s (pool %s) is healthy again", self.address, self.pool)
+            self._state_changed()
 
     def _fail(self, kind: str, message: str, name: str, qtype: str,
               elapsed: float) -> UpstreamError:
@@ -116,22 +141,39 @@ class Upstream:
         else:
             self._logged[kind] = (last, suppressed + 1)
         if kind in NETWORK_FAILURES and self.health.failure(kind):
-            log.warning("upstream %s (pool %s) quarantined after %d consecutive failures (%s)",
-                        self.address, self.pool, self.health.consecutive_failures, kind)
+            self._quarantined(kind)
         return UpstreamError(kind, message, self.address)
 
-    async def probe(self) -> bool:
-        """One health probe (``. NS``); True when the server answered at all."""
+    def _quarantined(self, kind: str) -> None:
+        log.warning("upstream %s (pool %s) quarantined after %d consecutive failures (%s)",
+                    self.address, self.pool, self.health.consecutive_failures, kind)
+        self._state_changed()
+
+    async def probe(self) -> None:
+        """One health probe (``. NS``, as CoreDNS's forward plugin sends); updates health.
+
+        Any DNS answer, even SERVFAIL or REFUSED, proves the server is alive; only silence
+        or an unreachable port counts as a failure.
+        """
         self.probes += 1
+        failure = None
         try:
             await asyncio.wait_for(self.resolver.query_dns(".", "NS"), self.timeout)
         except TimeoutError:
-            return False
+            failure = "timeout"
         except DNSError as exc:
             code = exc.args[0] if exc.args else None
-            # Any DNS answer, even SERVFAIL or NXDOMAIN, proves the server is alive.
-            return code in (_ENODATA, _ENOTFOUND, _ESERVFAIL)
-        return True
+            if code == _ECONNREFUSED:
+                failure = "unreachable"
+            elif code == _ETIMEOUT:
+                failure = "timeout"
+        if failure is None:
+            if self.health.success():
+                log.info("upstream %s (pool %s) passed its probe: healthy", self.address,
+                         self.pool)
+                self._state_changed()
+        elif self.health.probe_failed(failure):
+            self._quarantined(failure)
 
     async def close(self) -> None:
         if self._resolver is not None:
