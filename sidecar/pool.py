@@ -19,6 +19,15 @@ log = logging.getLogger("sidecar.pool")
 #: became faster (or recovered) is noticed without waiting for the fastest one to fail.
 EXPLORE_SHARE = 0.05
 PROBE_TICK = 0.25
+#: A try still unanswered after max(HEDGE_MIN, HEDGE_FACTOR x the server's EWMA RTT)
+#: (at most half the timeout) gets the next server asked in parallel.
+HEDGE_MIN = 0.1
+HEDGE_FACTOR = 4.0
+
+
+def _consume(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 class Pool:
@@ -37,6 +46,7 @@ class Pool:
         self.tries = tries
         self.upstreams = [Upstream(s, name or ".", timeout) for s in servers]
         self.failures = 0  # queries that no server answered
+        self.hedged = 0  # tries started early because the previous one was slow
 
     @property
     def label(self) -> str:
@@ -60,28 +70,75 @@ class Pool:
         sick.sort(key=lambda u: (u.health.consecutive_failures, u.health.quarantined_at))
         return good + suspect + sick
 
+    def hedge_delay(self, server: Upstream) -> float:
+        """How long to wait for ``server`` before also asking the next one (seconds)."""
+        ewma = server.latency.ewma
+        delay = HEDGE_MIN if ewma is None else max(HEDGE_MIN, HEDGE_FACTOR * ewma)
+        return min(delay, self.timeout / 2)
+
     async def query(self, name: str, qtype: str) -> Answer:
-        """Resolve through the pool; raise :class:`ResolveFailed` when nobody answered."""
+        """Resolve through the pool; raise :class:`ResolveFailed` when nobody answered.
+
+        Tries run one after another, but a try that is slow (past :meth:`hedge_delay`) gets
+        the next server asked in parallel, and the first answer wins. Tries that lose the
+        race are not cancelled: their outcome still counts for the server's health, so a
+        silent server is quarantined even though nobody waited for it.
+        """
         order = self.order()
         deadline = time.monotonic() + self.timeout * self.tries
         # Every server gets a chance at fast failures; slow ones are bounded by the deadline.
         attempts = max(self.tries, len(order))
+        running: set[asyncio.Future] = set()
+        launched = 0
         last = "timeout"
-        tried = 0
-        for i in range(attempts):
+
+        def launch() -> Upstream:
+            nonlocal launched
+            server = order[launched % len(order)]
+            launched += 1
             left = deadline - time.monotonic()
-            if left <= 0.001:
-                break
-            server = order[i % len(order)]
-            tried += 1
-            try:
-                return await server.query(name, qtype, min(self.timeout, left))
-            except UpstreamError as exc:
-                last = exc.kind
-                if exc.kind == "badname":
+            running.add(asyncio.ensure_future(server.query(name, qtype, min(self.timeout, left))))
+            return server
+
+        current = launch()
+        try:
+            while running:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     break
+                can_hedge = launched < min(attempts, len(order))
+                wait = min(left, self.hedge_delay(current)) if can_hedge else left
+                done, _ = await asyncio.wait(running, timeout=wait,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    if can_hedge:
+                        self.hedged += 1
+                        current = launch()
+                    continue
+                for fut in done:
+                    running.discard(fut)
+                    exc = fut.exception()
+                    if exc is None:
+                        return fut.result()
+                    if not isinstance(exc, UpstreamError):
+                        raise exc
+                    last = exc.kind
+                    if exc.kind == "badname":
+                        running.clear()
+                        break
+                else:
+                    # A failed try moves on at once (no need to wait for a hedge timer).
+                    if launched < attempts and deadline - time.monotonic() > 0.001:
+                        current = launch()
+                    continue
+                break
+        finally:
+            for fut in running:
+                # Let losing tries finish on their own (their outcome feeds health);
+                # retrieve their result so nothing is logged as "never retrieved".
+                fut.add_done_callback(_consume)
         self.failures += 1
-        raise ResolveFailed(last, tried)
+        raise ResolveFailed(last, launched)
 
     async def probe_due(self, now: float) -> None:
         """Probe suspect and quarantined servers whose wait has elapsed (concurrently)."""
