@@ -23,6 +23,7 @@ from .config import (
 from .errors import ConfigError, StartupError
 
 ENV_PREFIX = "DNS_SIDECAR_"
+RESOLV_CONF = "/etc/resolv.conf"
 PROG = "dns-sidecar"
 
 
@@ -121,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--allow", metavar="CIDR[,CIDR...]", type=_typed("CIDR[,CIDR...]", parse_cidrs), default=None,
         help="clients that may query (default: loopback only)")
     add("--rate-limit", metavar="QPS", type=_typed("a number >= 0", _positive_float), default=0.0,
-        help="per-client query rate limit (default 0, off)")
+        help="per-client query rate limit; over it queries are dropped (default 0, off)")
+    add("--rate-burst", metavar="N", type=_typed("a number >= 0", _positive_float), default=0.0,
+        help="queries a client may send at once above --rate-limit (default 0: twice the rate)")
     add("--tcp-max-connections", metavar="N", type=_typed("a whole number >= 0", _nonneg_int), default=256,
         help="open TCP connections at once (default 256)")
     add("--tcp-idle-timeout", metavar="SECONDS", type=_typed("a number >= 0", _positive_float), default=10.0,
@@ -176,12 +179,15 @@ def parse_config(argv: Sequence[str] | None = None,
     parser = build_parser()
     ns = parser.parse_args(argv + _env_args(parser, env, argv))
     upstreams = ns.upstream
+    resolv_conf = None
     if upstreams is None:
-        upstreams = read_resolv_conf()
+        resolv_conf = RESOLV_CONF
+        upstreams = read_resolv_conf(resolv_conf)
     cfg = Config(
         listen=tuple(ns.listen) if ns.listen else Config.listen,
         http=ns.http if not isinstance(ns.http, str) else _http(ns.http),
         upstreams=tuple(upstreams),
+        resolv_conf=resolv_conf,
         zones=tuple(ns.zone or ()),
         min_ttl=ns.min_ttl,
         max_ttl=ns.max_ttl,
@@ -196,6 +202,7 @@ def parse_config(argv: Sequence[str] | None = None,
         no_aaaa=ns.no_aaaa,
         allow=ns.allow if ns.allow is not None else Config.allow,
         rate_limit=ns.rate_limit,
+        rate_burst=ns.rate_burst,
         tcp_max_connections=ns.tcp_max_connections,
         tcp_idle_timeout=ns.tcp_idle_timeout,
         api_token=ns.api_token,

@@ -156,13 +156,14 @@ class Config:
     no_aaaa: bool = False
     allow: tuple = LOOPBACK_NETS
     rate_limit: float = 0.0
-    rate_burst: int = 0
+    rate_burst: float = 0.0
     api_token: str | None = None
     lameduck: float = 0.0
     max_inflight: int = 1024
     tcp_max_connections: int = 256
     tcp_idle_timeout: float = 10.0
     udp_rcvbuf: int = 8 * 1024 * 1024
+    resolv_conf: str | None = None  # where upstreams were read from (re-read on SIGHUP)
     log_level: str = "info"
     log_format: str = "text"
     extra: dict = field(default_factory=dict)

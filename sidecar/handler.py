@@ -15,6 +15,7 @@ from .acl import Acl
 from .cache import Cache, Entry
 from .encode import FORWARDABLE
 from .errors import WireError
+from .ratelimit import RateLimiter
 from .resolver import Resolver
 from .wire import (
     BADVERS,
@@ -48,11 +49,12 @@ class QueryHandler:
     """
 
     def __init__(self, cache: Cache, resolver: Resolver, *, acl: Acl | None = None,
-                 no_aaaa: bool = False, prefetch: bool = False) -> None:
+                 no_aaaa: bool = False, ratelimit: RateLimiter | None = None) -> None:
         self.cache = cache
         self.resolver = resolver
         self.acl = acl or Acl(())
         self.no_aaaa = no_aaaa
+        self.ratelimit = ratelimit
         self.rcodes = [0] * 24
         self.dropped = 0
         self.truncated = 0
@@ -92,6 +94,8 @@ class QueryHandler:
                     if entry is not None:
                         now = time.monotonic()
                         if now < entry.expires and self.acl.cache.get(host):
+                            if self.ratelimit is not None and not self.ratelimit.allow(host):
+                                return None
                             cache = self.cache
                             cache.entries.move_to_end(key)
                             cache.hits += 1
@@ -127,6 +131,8 @@ class QueryHandler:
         allowed = self.acl.cache.get(host)
         if allowed is None:
             allowed = self.acl.check(host)
+        if self.ratelimit is not None and not self.ratelimit.allow(host):
+            return None  # silence: never answer a rate-limited client with anything
         if not allowed:
             self.denied += 1
             self.rcodes[REFUSED] += 1

@@ -170,6 +170,24 @@ class PoolSet:
     def pools(self) -> list[Pool]:
         return [self.default, *self.zones.values()]
 
+    async def reconfigure(self, default: Iterable[HostPort],
+                          zones: Iterable[tuple[str, Iterable[HostPort]]]) -> None:
+        """Swap in new server lists. A server kept in the same pool keeps its channel, stats
+        and health; removed ones are closed. The cache is not touched."""
+        old = {(p.name, u.address): u for p in self.pools for u in p.upstreams}
+        timeout, tries = self.default.timeout, self.default.tries
+
+        def build(name: str, servers: Iterable[HostPort]) -> Pool:
+            pool = Pool(name, (), timeout, tries)
+            pool.upstreams = [old.pop((name, str(s)), None) or Upstream(s, name or ".", timeout)
+                              for s in servers]
+            return pool
+
+        self.default = build("", default)
+        self.zones = {suffix: build(suffix, servers) for suffix, servers in zones}
+        for u in old.values():
+            await u.close()
+
     def pool_for(self, name: str) -> Pool:
         """``name`` is lower-case, without trailing dot."""
         if self.zones:

@@ -11,16 +11,18 @@ import logging
 import os
 import signal
 import time
+from dataclasses import replace
 
 from . import cares
 from .acl import Acl
 from .cache import Cache
-from .config import Config, HostPort
+from .config import Config, HostPort, read_resolv_conf
 from .encode import TtlPolicy
 from .errors import StartupError
 from .handler import QueryHandler
 from .listeners import TcpListener, UdpListener, close_listeners, open_listeners
 from .pool import PoolSet
+from .ratelimit import RateLimiter
 from .resolver import Resolver
 
 log = logging.getLogger("sidecar")
@@ -46,8 +48,10 @@ class Sidecar:
                                  budget=config.timeout * config.tries,
                                  serve_stale=config.serve_stale)
         self.acl = Acl(config.allow)
+        self.ratelimit = (RateLimiter(config.rate_limit, config.rate_burst or None)
+                          if config.rate_limit > 0 else None)
         self.handler = QueryHandler(self.cache, self.resolver, acl=self.acl,
-                                    no_aaaa=config.no_aaaa)
+                                    no_aaaa=config.no_aaaa, ratelimit=self.ratelimit)
         self.udp: list[UdpListener] = []
         self.tcp: list[TcpListener] = []
         self.dns_addresses: list[HostPort] = []
@@ -57,6 +61,7 @@ class Sidecar:
         self.lameduck = False
         self._api = None
         self._stopped = asyncio.Event()
+        self.reloads = 0
 
     async def start(self) -> None:
         """Bind every listener and the API; raise :class:`StartupError` when one cannot."""
@@ -97,6 +102,25 @@ class Sidecar:
             log.warning("listening on %s with the default --allow: only loopback clients will be"
                         " answered (others get REFUSED); set --allow to the clients' CIDRs",
                         ", ".join(map(str, public)))
+
+    async def reload(self, upstreams: tuple[HostPort, ...] | None = None,
+                     zones: tuple | None = None) -> None:
+        """Replace the upstream configuration without dropping the cache.
+
+        Without arguments, re-read /etc/resolv.conf when the upstreams came from it (SIGHUP).
+        """
+        cfg = self.config
+        if upstreams is None and cfg.resolv_conf:
+            upstreams = read_resolv_conf(cfg.resolv_conf) or cfg.upstreams
+        upstreams = upstreams or cfg.upstreams
+        zones = cfg.zones if zones is None else zones
+        await self.pools.reconfigure(upstreams, zones)
+        self.config = replace(cfg, upstreams=tuple(upstreams), zones=tuple(zones))
+        self.reloads += 1
+        log.info("reloaded: upstreams %s%s; cache kept (%d entries)",
+                 ",".join(map(str, upstreams)),
+                 "".join(f"; zone {z}: " + ",".join(map(str, a)) for z, a in zones),
+                 len(self.cache))
 
     @property
     def ready(self) -> bool:
@@ -147,6 +171,14 @@ async def serve(config: Config) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    reloads: set[asyncio.Task] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(sidecar.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
     name = signal.Signals(got[0]).name
     if config.lameduck > 0:

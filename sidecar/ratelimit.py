@@ -1,0 +1,53 @@
+"""Per-client query rate limit: a token bucket per client address.
+
+Over the limit a query is dropped, never answered: a reply (even REFUSED) would let a
+spoofed source turn the sidecar into a reflector. Off by default, because a crawler on
+loopback must never be throttled by surprise.
+"""
+
+from __future__ import annotations
+
+import time
+
+_MAX_CLIENTS = 100_000
+
+
+class RateLimiter:
+    """``allow(host)`` spends one token of ``host``'s bucket (``rate`` per second, up to
+    ``burst``); False means drop. ``limited`` counts the drops."""
+
+    __slots__ = ("rate", "burst", "buckets", "limited")
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        self.rate = float(rate)
+        self.burst = float(burst) if burst else max(1.0, 2.0 * self.rate)
+        self.buckets: dict[str, list[float]] = {}
+        self.limited = 0
+
+    def allow(self, host: str) -> bool:
+        now = time.monotonic()
+        b = self.buckets.get(host)
+        if b is None:
+            if len(self.buckets) >= _MAX_CLIENTS:
+                self._prune(now)
+            self.buckets[host] = [self.burst - 1.0, now]
+            return True
+        tokens = b[0] + (now - b[1]) * self.rate
+        if tokens > self.burst:
+            tokens = self.burst
+        b[1] = now
+        if tokens < 1.0:
+            b[0] = tokens
+            self.limited += 1
+            return False
+        b[0] = tokens - 1.0
+        return True
+
+    def _prune(self, now: float) -> None:
+        # Forget clients whose bucket has refilled: they lose nothing by being forgotten.
+        full = [h for h, (tok, t) in self.buckets.items()
+                if tok + (now - t) * self.rate >= self.burst]
+        for h in full:
+            del self.buckets[h]
+        if len(self.buckets) >= _MAX_CLIENTS:
+            self.buckets.clear()
