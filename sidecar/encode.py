@@ -29,7 +29,7 @@ from dnslib import (
     DNSRecord,
 )
 
-from .cache import Entry
+from .cache import NEVER, Entry
 from .wire import NOERROR, NXDOMAIN, SERVFAIL, rr_ttl_offsets
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def build_entry(key: bytes, qtype: int, answer: Answer, soa: Any | None,
     rel = tuple(o - qend for o in offsets)
     if lifetime <= 0:
         return Entry(answer.rcode, an, ns, ar, body, rel, now, 0.0)
-    prefetch_at = now + lifetime * 0.9 if policy.prefetch and lifetime >= 10 else float("inf")
+    prefetch_at = now + lifetime * 0.9 if policy.prefetch and lifetime >= 10 else NEVER
     return Entry(answer.rcode, an, ns, ar, body, rel, now, lifetime, prefetch_at)
 
 

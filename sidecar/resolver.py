@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 
-from .cache import Cache, Entry
+from .cache import NEVER, Cache, Entry
 from .coalesce import Coalescer
 from .encode import FORWARDABLE, TtlPolicy, build_entry, servfail_entry
 from .errors import ResolveFailed
@@ -65,7 +65,7 @@ class Resolver:
 
     def prefetch(self, key: bytes, entry: Entry) -> None:
         """Refresh ``key`` in the background (once per entry; joins a fetch in flight)."""
-        entry.prefetch_at = float("inf")
+        entry.prefetch_at = NEVER
         if self.coalescer.joinable(key):
             return
         self.cache.prefetched += 1
