@@ -53,6 +53,14 @@ class Upstream:
         self.probes = 0
         self._logged: dict[str, tuple[float, int]] = {}
         self._waiters: list[tuple[str, asyncio.Future]] = []
+        self._idle_waiters: list[asyncio.Future] = []
+
+    async def idle(self) -> None:
+        """Return once no query to this server is in flight (hedged losers included)."""
+        if self.inflight:
+            fut = asyncio.get_running_loop().create_future()
+            self._idle_waiters.append(fut)
+            await fut
 
     @property
     def state(self) -> str:
@@ -114,6 +122,11 @@ class Upstream:
                              qtype, elapsed) from None
         finally:
             self.inflight -= 1
+            if not self.inflight and self._idle_waiters:
+                for fut in self._idle_waiters:
+                    if not fut.done():
+                        fut.set_result(None)
+                self._idle_waiters = []
         self._ok("ok", time.monotonic() - t0)
         return Answer(NOERROR, list(result.answer), list(result.authority))
 

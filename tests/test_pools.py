@@ -179,3 +179,18 @@ async def test_prefetch_refreshes_before_expiry_once(make_sidecar, upstream):
     (fresh,) = sc.cache.entries.values()
     assert fresh is not entry and fresh.stored > entry.stored
     assert sc.cache.prefetched == 1
+
+
+async def test_slow_server_is_hedged_to_the_next(make_sidecar, upstream, second_upstream):
+    slow, fast = second_upstream, upstream
+    slow.latency = 1.5
+    sc = await make_sidecar(upstreams=(hp(slow), hp(fast)), timeout=2.0, tries=1)
+    # The client gives up before the slow server answers: only the hedged try can answer.
+    r = await sc.query("www.example.test", timeout=1.2)
+    assert r.answer
+    assert sc.sc.pools.default.hedged == 1
+    assert slow.count("www.example.test") >= 1 and fast.count("www.example.test") == 1
+    slow_u = upstream_obj(sc, slow)
+    await asyncio.wait_for(slow_u.idle(), WAIT)  # the losing try is left to finish
+    assert slow_u.outcomes["ok"] == 1
+    assert slow_u.health.consecutive_failures == 0  # a late answer is still an answer
