@@ -116,7 +116,6 @@ class Cache:
         self.inserts = 0
         self.stale_served = 0
         self.prefetched = 0
-        self.coalesced = 0
 
     def __len__(self) -> int:
         return len(self.entries)

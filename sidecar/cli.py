@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--rate-limit", metavar="QPS", type=_typed("a number >= 0", _positive_float), default=0.0,
         help="per-client query rate limit; over it queries are dropped (default 0, off)")
     add("--rate-burst", metavar="N", type=_typed("a number >= 0", _positive_float), default=0.0,
-        help="queries a client may send at once above --rate-limit (default 0: twice the rate)")
+        help="queries a client may send in a burst above --rate-limit; 0 means twice the rate (default 0)")
     add("--tcp-max-connections", metavar="N", type=_typed("a whole number >= 0", _nonneg_int), default=256,
         help="open TCP connections at once (default 256)")
     add("--tcp-idle-timeout", metavar="SECONDS", type=_typed("a number >= 0", _positive_float), default=10.0,

@@ -155,7 +155,7 @@ class QueryHandler:
                 self.rcodes[entry.rcode] += 1
                 return self._reply(data, q, entry, body, tcp)
         if q.edns_version:
-            self.rcodes[BADVERS & 0xF] += 1
+            self.rcodes[BADVERS] += 1
             return error_reply(data, q, BADVERS)
         if q.qclass != CLASS_IN:
             self.rcodes[REFUSED] += 1

@@ -1,0 +1,554 @@
+"""The health and stats HTTP API (``--http``, default ``127.0.0.1:8053``).
+
+Endpoints (JSON unless said otherwise; the OpenAPI document at ``/openapi.json`` is the full
+reference, see :mod:`sidecar.openapi`)::
+
+    GET    /healthz              200 {"status": "ok"} while DNS is served, else 503
+    GET    /readyz               200 {"status": "ready"}; 503 with reasons per pool
+    GET    /stats                counters and state (see sidecar.stats.snapshot)
+    GET    /metrics              Prometheus text exposition (sidecar.metrics)
+    GET    /cache?name=N&type=T  the cached entry for N/T (type defaults to A), or 404
+    DELETE /cache[?name=N[&type=T]]  flush everything, one name (every type), or one entry
+    POST   /prewarm              {"names": [...], "types": ["A", "AAAA"]}: resolve into the cache
+    GET    /openapi.json         the OpenAPI 3.1 document of this API
+
+The API only reads the sidecar's state, on the sidecar's own event loop; the DNS hot path
+never waits for it. Pre-warm goes through the resolver exactly like a cache miss, so its
+fetches are coalesced with live traffic and bounded by the resolver's concurrency limit as
+well as by :data:`PREWARM_CONCURRENCY`.
+
+Mutating calls (DELETE, POST) need ``Authorization: Bearer TOKEN`` when ``--api-token`` is
+set (compared in constant time). Every error is JSON ``{"error": "..."}`` naming the field
+at fault, with status 400, 401, 404, 405 or 413 (500 only for a bug, which is logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import re
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from dnslib import QTYPE, DNSRecord
+
+from .config import HostPort
+from .encode import TYPE_NUMBERS
+from .errors import StartupError, WireError
+from .metrics import CONTENT_TYPE_LATEST, make_registry, render
+from .openapi import openapi_document
+from .stats import not_ready_reasons, snapshot
+from .wire import RCODE_NAMES, make_key, skip_name
+
+log = logging.getLogger("sidecar.api")
+
+#: Largest request body accepted, in bytes (larger: 413).
+MAX_BODY = 1024 * 1024
+#: Most names one ``POST /prewarm`` may carry (more: 400 naming ``names``).
+MAX_PREWARM_NAMES = 10_000
+#: Most pre-warm lookups in flight at once, per call.
+PREWARM_CONCURRENCY = 256
+#: Types pre-warmed when the request names none.
+DEFAULT_PREWARM_TYPES = ("A", "AAAA")
+#: Seconds a stopping API waits for requests in progress before cancelling them.
+SHUTDOWN_TIMEOUT = 1.0
+#: Longest a pre-warm runs without letting the event loop (and so DNS) run, in seconds.
+SLICE_SECONDS = 0.002
+#: Results serialised between two yields to the event loop.
+YIELD_EVERY = 200
+
+_SUPPORTED_TYPES = ", ".join(sorted(TYPE_NUMBERS))
+# A plain host name (no escapes): its cache key is built without make_key's per-character loop.
+_PLAIN_NAME = re.compile(r"[a-z0-9_*-]{1,63}(?:\.[a-z0-9_*-]{1,63})*")
+_TYPE_CLASS_IN = struct.Struct(">HH")
+_RR_FIXED = struct.Struct(">HHIH")
+_ADDRESS_FAMILIES = {1: socket.AF_INET, 28: socket.AF_INET6}
+_JSON = "application/json"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    """An error answer: HTTP ``status`` and a message naming the field at fault."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def error_response(status: int, message: str,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    """``{"error": message}`` with ``status``."""
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def exposure_warning(addr: HostPort, token: str | None) -> str | None:
+    """The start-up warning for an API reachable from other hosts without a token, or None
+    (loopback address, or a token is set)."""
+    if token:
+        return None
+    try:
+        loopback = ipaddress.ip_address(addr.host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return None
+    return (f"--http {addr} is not a loopback address and no --api-token is set: anyone who"
+            " can reach it may flush the cache and trigger lookups (DELETE /cache,"
+            " POST /prewarm); set --api-token or bind 127.0.0.1")
+
+
+# ------------------------------------------------------------------ parsing and decoding
+
+
+def parse_name(raw: object, field: str) -> str:
+    """A query name from the request: lower-cased, without trailing dot, validated.
+
+    Raises :class:`ApiError` (400, naming ``field``) for a non-string, an empty name, a name
+    with spaces, control or non-ASCII characters (IDNA names must be sent as punycode), an
+    empty or over-long label, or a name over 255 octets.
+    """
+    if not isinstance(raw, str):
+        raise ApiError(400, f"{field}: expected a string, got {type(raw).__name__}")
+    name = raw.strip().lower()
+    if name.endswith("."):
+        name = name[:-1]
+    if not name:
+        raise ApiError(400, f"{field}: empty name")
+    if name.endswith("."):
+        raise ApiError(400, f"{field}: {raw!r} is not a valid DNS name (empty label)")
+    if _PLAIN_NAME.fullmatch(name) and len(name) <= 253:
+        return name
+    if any(c <= " " or c > "~" for c in name):
+        raise ApiError(400, f"{field}: {raw!r} is not a valid DNS name (spaces, control or"
+                       " non-ASCII characters; send IDNA names as punycode)")
+    try:
+        make_key(name, 1)
+    except WireError as exc:
+        raise ApiError(400, f"{field}: {raw!r} is not a valid DNS name ({exc})") from None
+    return name
+
+
+def cache_key(name: str, qtype: int) -> bytes:
+    """The cache key of a name accepted by :func:`parse_name` (same bytes as
+    :func:`sidecar.wire.make_key`, faster for plain names)."""
+    if _PLAIN_NAME.fullmatch(name) and len(name) <= 253:
+        wire = b"".join(bytes((len(label),)) + label.encode("ascii")
+                        for label in name.split("."))
+        return wire + b"\x00" + _TYPE_CLASS_IN.pack(qtype, 1)
+    return make_key(name, qtype)
+
+
+def parse_type(raw: object, field: str) -> str:
+    """A query type name (``A``, ``aaaa``, ...) among those the sidecar forwards; raises
+    :class:`ApiError` (400, naming ``field``) otherwise."""
+    if not isinstance(raw, str):
+        raise ApiError(400, f"{field}: expected a string, got {type(raw).__name__}")
+    qtype = raw.strip().upper()
+    if qtype not in TYPE_NUMBERS:
+        raise ApiError(400, f"{field}: unknown or unsupported type {raw!r} (one of"
+                       f" {_SUPPORTED_TYPES})")
+    return qtype
+
+
+def decode_entry(key: bytes, entry: Any) -> DNSRecord:
+    """Parse a cache entry as a full DNS reply (ID 0), TTLs as of the entry's last render."""
+    b3_counts = entry.hdr
+    header = b"\x00\x00\x81" + b3_counts
+    return DNSRecord.parse(header + key + entry.body)
+
+
+def _rr_data(rr: Any) -> str:
+    if rr.rtype in (1, 28):
+        return str(ipaddress.ip_address(str(rr.rdata)))
+    return str(rr.rdata)
+
+
+def entry_records(key: bytes, entry: Any, qtype: int) -> list[str]:
+    """The records a pre-warm reports for an entry: for A/AAAA the addresses at the end of
+    any CNAME chain (read straight from the wire bytes), for other types the rdata of the
+    answer records of that type in presentation form (via dnslib)."""
+    if qtype not in _ADDRESS_FAMILIES:
+        return final_records(decode_entry(key, entry), qtype)
+    family = _ADDRESS_FAMILIES[qtype]
+    msg = b"\x00\x00\x81" + entry.hdr + key + entry.body
+    count = int.from_bytes(entry.hdr[3:5], "big")
+    pos = 12 + len(key)
+    out = []
+    for _ in range(count):
+        pos = skip_name(msg, pos)
+        rtype, _rclass, _ttl, rdlen = _RR_FIXED.unpack_from(msg, pos)
+        pos += 10
+        if rtype == qtype:
+            out.append(socket.inet_ntop(family, msg[pos : pos + rdlen]))
+        pos += rdlen
+    return out
+
+
+def final_records(msg: DNSRecord, qtype: int) -> list[str]:
+    """The rdata (presentation form) of the answer records of type ``qtype``: for A/AAAA
+    the addresses at the end of any CNAME chain."""
+    return [_rr_data(rr) for rr in msg.rr if rr.rtype == qtype]
+
+
+def _rr_json(rr: Any, aged: int) -> dict[str, Any]:
+    return {
+        "name": str(rr.rname).rstrip(".") or ".",
+        "type": QTYPE.get(rr.rtype, str(rr.rtype)),
+        "ttl": max(0, int(rr.ttl) - aged),
+        "data": _rr_data(rr),
+    }
+
+
+def _rcode_name(rcode: int) -> str:
+    return RCODE_NAMES.get(rcode, str(rcode))
+
+
+# ------------------------------------------------------------------ the server
+
+
+class ApiServer:
+    """The aiohttp application serving the API for one :class:`~sidecar.server.Sidecar`.
+
+    ``prewarm_calls``, ``prewarm_cached`` and ``prewarm_resolved`` count pre-warm calls and
+    their lookups answered from a fresh cache entry or through the resolver (the latter
+    coalesced with live traffic by the resolver).
+    """
+
+    def __init__(self, sidecar: Any) -> None:
+        self.sidecar = sidecar
+        token = getattr(sidecar.config, "api_token", None)
+        self._token_digest = hashlib.sha256(token.encode()).digest() if token else None
+        self.registry = make_registry(sidecar, self)
+        self.app = self._make_app()
+        self._runner: web.AppRunner | None = None
+        self.address: HostPort | None = None
+        self.prewarm_calls = 0
+        self.prewarm_cached = 0
+        self.prewarm_resolved = 0
+
+    def _make_app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors])
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/stats", self.stats)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/cache", self.cache_get)
+        app.router.add_delete("/cache", self.cache_delete)
+        app.router.add_post("/prewarm", self.prewarm)
+        app.router.add_get("/openapi.json", self.openapi)
+        return app
+
+    async def start(self, addr: HostPort) -> HostPort:
+        """Listen on ``addr`` (port 0: any free port); return the bound address.
+
+        Raises :class:`StartupError` with a one-line reason when it cannot listen.
+        """
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                               shutdown_timeout=SHUTDOWN_TIMEOUT)
+        await runner.setup()
+        site = web.TCPSite(runner, addr.host, addr.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            reason = exc.strerror or str(exc)
+            raise StartupError(f"--http {addr}: cannot listen: {reason}") from None
+        self._runner = runner
+        sockname = runner.addresses[0]
+        self.address = HostPort(addr.host, int(sockname[1]))
+        warning = exposure_warning(addr, getattr(self.sidecar.config, "api_token", None))
+        if warning:
+            log.warning("%s", warning)
+        return self.address
+
+    async def stop(self) -> None:
+        """Stop listening; requests still running after :data:`SHUTDOWN_TIMEOUT` s are
+        cancelled."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    # -------------------------------------------------------------- plumbing
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Turn every error into ``{"error": ...}`` JSON (never an HTML page or a crash)."""
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return error_response(exc.status, exc.message, exc.headers)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            headers = {}
+            if exc.status == 405:
+                headers["Allow"] = exc.headers.get("Allow", "")
+                message = f"method {request.method} not allowed on {request.path}"
+            elif exc.status == 404:
+                message = f"no such endpoint: {request.path}"
+            elif exc.status == 413:
+                message = f"body: larger than {MAX_BODY} bytes"
+            else:
+                message = exc.reason
+            return error_response(exc.status, message, headers)
+        except Exception:
+            log.exception("API %s %s failed", request.method, request.path_qs)
+            return error_response(500, "internal error (logged by the sidecar)")
+
+    def _authorize(self, request: web.Request) -> None:
+        """Raise 401 unless the request carries the configured bearer token (or none is
+        configured). Both sides are hashed first so the comparison's time does not depend on
+        the token's length or content."""
+        if self._token_digest is None:
+            return
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.strip().partition(" ")
+        digest = hashlib.sha256(given.strip().encode("utf-8", "surrogateescape")).digest()
+        ok = hmac.compare_digest(digest, self._token_digest)
+        if not ok or scheme.lower() != "bearer":
+            raise ApiError(401, "Authorization: a valid 'Bearer TOKEN' is required for"
+                           f" {request.method} {request.path}",
+                           {"WWW-Authenticate": 'Bearer realm="dns-sidecar"'})
+
+    # -------------------------------------------------------------- health
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        """Liveness: 200 ``{"status": "ok"}`` while the listeners serve DNS, else 503
+        ``{"status": "not serving"}``."""
+        if getattr(self.sidecar, "serving", False):
+            return web.json_response({"status": "ok"})
+        return web.json_response({"status": "not serving"}, status=503)
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """Readiness: 200 ``{"status": "ready"}`` when every pool has a healthy upstream and
+        the sidecar is not in lame duck; else 503 with ``reasons`` by pool label."""
+        reasons = not_ready_reasons(self.sidecar)
+        if not reasons:
+            return web.json_response({"status": "ready"})
+        return web.json_response(
+            {"status": "not ready", "reasons": reasons,
+             "lameduck": bool(getattr(self.sidecar, "lameduck", False))},
+            status=503)
+
+    # -------------------------------------------------------------- stats and metrics
+
+    async def stats(self, request: web.Request) -> web.Response:
+        """The ``/stats`` document (:func:`sidecar.stats.snapshot`) plus a ``prewarm`` object."""
+        extra = {"prewarm": {"calls": self.prewarm_calls, "cached": self.prewarm_cached,
+                             "resolved": self.prewarm_resolved}}
+        return web.json_response(snapshot(self.sidecar, extra))
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """Prometheus text exposition of the sidecar's private registry."""
+        body = render(self.registry)
+        resp = web.Response(body=body)
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """The OpenAPI document of this API."""
+        return web.json_response(openapi_document(
+            max_names=MAX_PREWARM_NAMES, concurrency=PREWARM_CONCURRENCY, max_body=MAX_BODY))
+
+    # -------------------------------------------------------------- cache
+
+    @staticmethod
+    def _query_name(request: web.Request) -> str | None:
+        raw = request.query.get("name")
+        return None if raw is None else parse_name(raw, "name")
+
+    async def cache_get(self, request: web.Request) -> web.Response:
+        """The cached entry for ``name``/``type`` (type defaults to A): rcode, remaining TTL
+        (``ttl`` whole seconds, 0 once expired; ``expires_in`` seconds, negative once
+        expired), ``stale``, the records, and every section; 404 when not cached."""
+        name = self._query_name(request)
+        if name is None:
+            raise ApiError(400, "name: required query parameter")
+        qtype = parse_type(request.query.get("type", "A"), "type")
+        key = cache_key(name, TYPE_NUMBERS[qtype])
+        entry = self.sidecar.cache.get(key)
+        if entry is None:
+            raise ApiError(404, f"name: {name}/{qtype} is not in the cache")
+        now = time.monotonic()
+        body_age = entry.age  # the body's TTLs are as of this many s after storage
+        msg = decode_entry(key, entry)
+        age = now - entry.stored
+        aged = max(0, int(age) - body_age)
+        expires_in = entry.expires - now
+        return web.json_response({
+            "name": name,
+            "type": qtype,
+            "rcode": _rcode_name(entry.rcode),
+            "ttl": max(0, int(expires_in)),
+            "expires_in": round(expires_in, 3),
+            "age": round(age, 3),
+            "stale": expires_in <= 0,
+            "records": final_records(msg, TYPE_NUMBERS[qtype]),
+            "answer": [_rr_json(rr, aged) for rr in msg.rr],
+            "authority": [_rr_json(rr, aged) for rr in msg.auth],
+            "additional": [_rr_json(rr, aged) for rr in msg.ar],
+        })
+
+    async def cache_delete(self, request: web.Request) -> web.Response:
+        """Flush: everything (no ``name``), every type of ``name``, or only ``name``/``type``.
+        Answers ``{"deleted": n}`` (plus ``name``, ``type`` when given)."""
+        self._authorize(request)
+        name = self._query_name(request)
+        raw_type = request.query.get("type")
+        cache = self.sidecar.cache
+        if name is None:
+            if raw_type is not None:
+                raise ApiError(400, "type: only valid together with name")
+            deleted = cache.clear()
+            log.info("API: cache flushed (%d entries)", deleted)
+            return web.json_response({"deleted": deleted})
+        if raw_type is not None:
+            qtype = parse_type(raw_type, "type")
+            deleted = int(cache.delete(cache_key(name, TYPE_NUMBERS[qtype])))
+            log.info("API: cache entry %s/%s deleted", name, qtype)
+            return web.json_response({"deleted": deleted, "name": name, "type": qtype})
+        deleted = cache.delete_name(cache_key(name, 1)[:-4])
+        log.info("API: cache entries of %s deleted (%d)", name, deleted)
+        return web.json_response({"deleted": deleted, "name": name})
+
+    # -------------------------------------------------------------- pre-warm
+
+    async def _read_json(self, request: web.Request) -> Any:
+        raw = await request.read()  # 413 past client_max_size
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            raise ApiError(400, f"body: not valid JSON ({exc})") from None
+
+    async def _parse_prewarm(self, body: Any) -> tuple[list[str], list[str]]:
+        if not isinstance(body, dict):
+            raise ApiError(400, "body: expected a JSON object with 'names' (and 'types')")
+        unknown = sorted(set(body) - {"names", "types"})
+        if unknown:
+            raise ApiError(400, f"{unknown[0]}: unknown field (expected 'names', 'types')")
+        if "names" not in body:
+            raise ApiError(400, "names: required")
+        raw_names = body["names"]
+        if not isinstance(raw_names, list):
+            raise ApiError(400, "names: expected a list of names")
+        if len(raw_names) > MAX_PREWARM_NAMES:
+            raise ApiError(400, f"names: {len(raw_names)} names, at most {MAX_PREWARM_NAMES}"
+                           " per call")
+        raw_types = body.get("types", list(DEFAULT_PREWARM_TYPES))
+        if not isinstance(raw_types, list):
+            raise ApiError(400, "types: expected a list of types")
+        if not raw_types:
+            raise ApiError(400, "types: must not be empty")
+        types = list(dict.fromkeys(parse_type(t, f"types[{i}]") for i, t in enumerate(raw_types)))
+        names: dict[str, None] = {}
+        pacer = _Pacer()
+        for i, raw in enumerate(raw_names):
+            names[parse_name(raw, f"names[{i}]")] = None
+            if pacer.due():
+                await pacer.pause()
+        return list(names), types
+
+    async def prewarm(self, request: web.Request) -> web.Response:
+        """Resolve every name for every type into the cache; answer per (name, type) with
+        rcode, records and remaining TTL, in request order (duplicates once), and
+        ``elapsed_ms``.
+
+        Three passes keep the event loop (and so DNS) responsive however large the batch:
+        fresh cache entries are picked up serially, the rest go through the resolver
+        :data:`PREWARM_CONCURRENCY` at a time (doing nothing else while they wait), and
+        the entries are decoded serially; the serial passes yield every
+        :data:`SLICE_SECONDS`.
+        """
+        t0 = time.perf_counter()
+        self._authorize(request)
+        names, types = await self._parse_prewarm(await self._read_json(request))
+        jobs = [(name, qtype) for name in names for qtype in types]
+        entries: list[Any] = [None] * len(jobs)
+        keys: list[bytes] = [b""] * len(jobs)
+        misses: list[int] = []
+        sc = self.sidecar
+        no_aaaa = bool(getattr(sc.config, "no_aaaa", False))
+        pacer = _Pacer()
+        now = time.monotonic()
+        for i, (name, qtype) in enumerate(jobs):
+            if qtype == "AAAA" and no_aaaa:
+                continue  # --no-aaaa: the DNS path answers NODATA without asking anyone
+            keys[i] = key = cache_key(name, TYPE_NUMBERS[qtype])
+            entry = sc.cache.get(key)
+            if entry is not None and entry.expires > now:
+                entries[i] = entry
+            else:
+                misses.append(i)
+            if pacer.due():
+                await pacer.pause()
+                now = time.monotonic()
+        self.prewarm_cached += len(jobs) - len(misses)
+        self.prewarm_resolved += len(misses)
+
+        todo = iter(misses)
+
+        async def worker() -> None:
+            for i in todo:
+                entries[i], _stale = await sc.resolver.resolve(keys[i])
+
+        workers = min(PREWARM_CONCURRENCY, len(misses))
+        if workers:
+            await asyncio.gather(*(worker() for _ in range(workers)))
+
+        results: list[dict[str, Any]] = []
+        for i, (name, qtype) in enumerate(jobs):
+            results.append(self._prewarm_result(name, qtype, keys[i], entries[i]))
+            if pacer.due():
+                await pacer.pause()
+        self.prewarm_calls += 1
+        elapsed_ms = round((time.perf_counter() - t0) * 1000.0, 3)
+        # Serialised in slices (20000 results take ~40 ms in one go).
+        parts = []
+        for i in range(0, len(results), YIELD_EVERY):
+            parts.append(json.dumps(results[i : i + YIELD_EVERY])[1:-1])
+            await asyncio.sleep(0)
+        text = f'{{"elapsed_ms": {json.dumps(elapsed_ms)}, "results": [{", ".join(parts)}]}}'
+        return web.Response(text=text, content_type=_JSON)
+
+    def _prewarm_result(self, name: str, qtype: str, key: bytes,
+                        entry: Any) -> dict[str, Any]:
+        """One element of ``results``; ``entry`` None means --no-aaaa's local NODATA."""
+        if entry is None:
+            ttl = int(getattr(self.sidecar.config, "max_negative_ttl", 0))
+            return {"name": name, "type": qtype, "rcode": "NOERROR", "ttl": ttl,
+                    "records": []}
+        try:
+            records = entry_records(key, entry, TYPE_NUMBERS[qtype])
+        except Exception:  # an entry that cannot be parsed: report the rcode, no records
+            log.exception("cannot decode the cache entry of %s/%s", name, qtype)
+            records = []
+        return {"name": name, "type": qtype, "rcode": _rcode_name(entry.rcode),
+                "ttl": int(entry.ttl), "records": records}
+
+
+class _Pacer:
+    """Tells a long synchronous loop when it has run :data:`SLICE_SECONDS` and should let
+    the event loop run (``await pause()``)."""
+
+    __slots__ = ("_until",)
+
+    def __init__(self) -> None:
+        self._until = time.perf_counter() + SLICE_SECONDS
+
+    def due(self) -> bool:
+        return time.perf_counter() >= self._until
+
+    async def pause(self) -> None:
+        await asyncio.sleep(0)
+        self._until = time.perf_counter() + SLICE_SECONDS

@@ -1,0 +1,219 @@
+"""Prometheus exposition of the sidecar's counters (``GET /metrics``).
+
+:class:`SidecarCollector` is a custom collector: it reads the plain integer counters of the
+DNS path (see :mod:`sidecar.stats`) when Prometheus scrapes, so the hot path never touches a
+prometheus-client object. Each sidecar gets its own :class:`~prometheus_client.CollectorRegistry`
+(never the global one), so several sidecars in one process (tests) do not collide.
+
+Names follow CoreDNS's where there is a match (``coredns_cache_hits_total`` ->
+``dns_sidecar_cache_hits_total``, ``coredns_forward_request_duration_seconds`` ->
+``dns_sidecar_upstream_request_duration_seconds``). Counters end in ``_total``, durations are
+histograms in seconds. Labels: ``proto`` (udp, tcp), ``rcode`` (NOERROR, NXDOMAIN, ...),
+``pool`` (zone suffix, ``.`` for the default pool), ``server`` (upstream ``IP:PORT``),
+``outcome`` (ok, nxdomain, nodata, servfail, refused, timeout, unreachable, error).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
+
+from . import stats
+from .latency import BUCKETS
+
+PREFIX = "dns_sidecar_"
+
+__all__ = ["CONTENT_TYPE_LATEST", "PREFIX", "SidecarCollector", "make_registry", "render"]
+
+
+def _version() -> str:
+    from . import __version__
+
+    return str(__version__)
+
+
+def _counter(name: str, doc: str, value: float | None = None,
+             labels: tuple[str, ...] = ()) -> CounterMetricFamily:
+    # prometheus-client appends the _total suffix itself.
+    return CounterMetricFamily(PREFIX + name, doc, value=value, labels=labels or None)
+
+
+def _gauge(name: str, doc: str, value: float | None = None,
+           labels: tuple[str, ...] = ()) -> GaugeMetricFamily:
+    return GaugeMetricFamily(PREFIX + name, doc, value=value, labels=labels or None)
+
+
+def histogram_buckets(per_bucket: list[int], count: int) -> list[tuple[str, float]]:
+    """Cumulative ``(le, count)`` pairs from per-bucket counts over :data:`BUCKETS` (the
+    last per-bucket count is the overflow past the largest bound); ``+Inf`` is ``count``."""
+    out: list[tuple[str, float]] = []
+    running = 0
+    for bound, n in zip(BUCKETS, per_bucket, strict=False):
+        running += n
+        out.append((floatToGoString(bound), float(running)))
+    out.append(("+Inf", float(max(count, running))))
+    return out
+
+
+class SidecarCollector:
+    """Reads a :class:`~sidecar.server.Sidecar` at scrape time. ``api`` (optional) is the
+    :class:`~sidecar.api.ApiServer`, for the pre-warm counters."""
+
+    def __init__(self, sidecar: Any, api: Any = None) -> None:
+        self.sidecar = sidecar
+        self.api = api
+
+    def describe(self) -> list[Metric]:
+        """Nothing up front: the label sets depend on the configuration (collect decides)."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        """Build every family from the counters as they are now."""
+        sc = self.sidecar
+        cache = sc.cache
+        handler = sc.handler
+        resolver = sc.resolver
+
+        m = _counter("dns_requests", "DNS messages received, by transport.", labels=("proto",))
+        for proto, n in stats.transport_counts(sc).items():
+            m.add_metric([proto], n)
+        yield m
+        m = _counter("dns_responses", "DNS replies sent, by RCODE.", labels=("rcode",))
+        for rcode, n in stats.rcode_counts(sc).items():
+            m.add_metric([rcode], n)
+        yield m
+        yield _counter("dns_dropped", "DNS messages not answered (unreadable header or QR=1).",
+                       stats.num(handler, "dropped"))
+        yield _counter("dns_truncated", "UDP replies sent truncated (TC=1).",
+                       stats.num(handler, "truncated"))
+        yield _counter("dns_denied", "Queries refused by the client ACL.",
+                       stats.num(handler, "denied"))
+        m = _counter("listener_errors", "Errors on the DNS sockets, by transport.",
+                     labels=("proto",))
+        m.add_metric(["udp"], sum(stats.num(u, "errors") for u in sc.udp))
+        m.add_metric(["tcp"], sum(stats.num(t, "errors") for t in sc.tcp))
+        yield m
+
+        yield _counter("cache_hits", "Queries answered from a fresh cache entry.",
+                       stats.num(cache, "hits"))
+        yield _counter("cache_misses", "Queries that needed an upstream fetch.",
+                       stats.num(cache, "misses"))
+        yield _gauge("cache_entries", "Entries in the cache (fresh and expired).",
+                     len(cache.entries))
+        yield _gauge("cache_capacity", "Largest number of cache entries (--cache-size).",
+                     stats.num(cache, "capacity"))
+        yield _counter("cache_evictions", "Entries evicted to stay within the capacity.",
+                       stats.num(cache, "evictions"))
+        yield _counter("cache_inserts", "Entries stored or replaced.", stats.num(cache, "inserts"))
+        yield _counter("cache_coalesced", "Misses that joined an upstream fetch in flight.",
+                       stats.coalesced(sc))
+        yield _counter("cache_stale_served", "Answers served from expired entries (RFC 8767).",
+                       stats.num(cache, "stale_served"))
+        yield _counter("cache_prefetch", "Background refreshes of popular entries started.",
+                       stats.num(cache, "prefetched"))
+
+        yield _gauge("resolver_inflight", "Upstream fetches in flight (distinct questions).",
+                     stats.num(resolver, "inflight"))
+        yield _gauge("resolver_waiting", "Fetches waiting for an upstream concurrency slot.",
+                     stats.num(resolver, "waiting"))
+        yield _counter("resolver_shed", "Fetches answered SERVFAIL because no slot freed up"
+                       " within the time budget.", stats.num(resolver, "shed"))
+        yield _counter("resolver_failures", "Fetches that ended in SERVFAIL (or stale).",
+                       stats.num(resolver, "failed"))
+
+        yield from self._upstreams()
+
+        tcps = list(sc.tcp)
+        yield _gauge("tcp_connections", "Open DNS-over-TCP connections.",
+                     sum(len(getattr(t, "connections", ())) for t in tcps))
+        yield _counter("tcp_connections_accepted", "DNS-over-TCP connections accepted.",
+                       sum(stats.num(t, "accepted") for t in tcps))
+        yield _counter("tcp_connections_rejected", "DNS-over-TCP connections refused at the"
+                       " connection bound.", sum(stats.num(t, "rejected") for t in tcps))
+        yield _counter("tcp_idle_closed", "DNS-over-TCP connections closed for idleness.",
+                       sum(stats.num(t, "idle_closed") for t in tcps))
+
+        if self.api is not None:
+            m = _counter("prewarm_lookups", "Pre-warm lookups (name and type), by where the"
+                         " answer came from.", labels=("source",))
+            m.add_metric(["cache"], stats.num(self.api, "prewarm_cached"))
+            m.add_metric(["resolver"], stats.num(self.api, "prewarm_resolved"))
+            yield m
+            yield _counter("prewarm_requests", "POST /prewarm calls answered.",
+                           stats.num(self.api, "prewarm_calls"))
+
+        yield _gauge("ready", "1 when ready (every pool has a healthy upstream, not in lame"
+                     " duck), else 0.", 1.0 if getattr(sc, "ready", False) else 0.0)
+        yield _gauge("uptime_seconds", "Seconds since the sidecar started serving.",
+                     float(getattr(sc, "uptime", 0.0)))
+        m = _gauge("build_info", "Always 1; the version is in the label.", labels=("version",))
+        m.add_metric([_version()], 1.0)
+        yield m
+
+    def _upstreams(self) -> Iterator[Metric]:
+        labels = ("pool", "server")
+        requests = _counter("upstream_requests", "Queries sent to an upstream, by outcome.",
+                            labels=(*labels, "outcome"))
+        duration = HistogramMetricFamily(
+            PREFIX + "upstream_request_duration_seconds",
+            "Time an upstream took to answer (answers only; timeouts are counted in"
+            " upstream_requests_total{outcome=\"timeout\"}).", labels=labels)
+        healthy = _gauge("upstream_healthy", "1 while the upstream is healthy, 0 while"
+                         " quarantined.", labels=labels)
+        inflight = _gauge("upstream_inflight", "Queries waiting on the upstream now.",
+                          labels=labels)
+        quarantines = _counter("upstream_quarantines", "Times the upstream was quarantined.",
+                               labels=labels)
+        probes = _counter("upstream_probes", "Health probes sent to the upstream.",
+                          labels=labels)
+        pool_healthy = _gauge("pool_healthy_upstreams", "Healthy upstreams of the pool.",
+                              labels=("pool",))
+        pool_failures = _counter("pool_failures", "Queries no upstream of the pool answered.",
+                                 labels=("pool",))
+        for pool, u in stats.iter_upstreams(self.sidecar):
+            lv = [pool, str(u.address)]
+            for outcome, n in (getattr(u, "outcomes", {}) or {}).items():
+                requests.add_metric([*lv, outcome], n)
+            lat = getattr(u, "latency", None)
+            if lat is not None:
+                count = stats.num(lat, "count")
+                duration.add_metric(lv, histogram_buckets(list(lat.buckets), count),
+                                    float(getattr(lat, "total", 0.0)))
+            healthy.add_metric(lv, 1.0 if stats.upstream_healthy(u) else 0.0)
+            inflight.add_metric(lv, stats.num(u, "inflight"))
+            quarantines.add_metric(lv, stats.num(getattr(u, "health", None), "quarantines"))
+            probes.add_metric(lv, stats.num(u, "probes"))
+        for p in getattr(self.sidecar.pools, "pools", ()):
+            label = getattr(p, "label", None) or "."
+            ups = list(getattr(p, "upstreams", ()))
+            pool_healthy.add_metric([label], sum(1 for u in ups if stats.upstream_healthy(u)))
+            pool_failures.add_metric([label], stats.num(p, "failures"))
+        yield from (requests, duration, healthy, inflight, quarantines, probes, pool_healthy,
+                    pool_failures)
+
+
+def make_registry(sidecar: Any, api: Any = None, *, process: bool = True) -> CollectorRegistry:
+    """A private registry holding a :class:`SidecarCollector` (and, with ``process``, the
+    standard ``process_*`` metrics: CPU seconds, resident memory, open fds, start time)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SidecarCollector(sidecar, api))
+    if process:
+        from prometheus_client import ProcessCollector
+
+        ProcessCollector(registry=registry)
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The text exposition (format 0.0.4) of ``registry``; serve it as
+    :data:`CONTENT_TYPE_LATEST`."""
+    return generate_latest(registry)
