@@ -156,3 +156,72 @@ def test_dig_udp_and_tcp(threaded_upstream, procs):
         assert out == ["www.example.test.", "10.0.0.1", "10.0.0.2"]
     pr.p.send_signal(signal.SIGINT)
     assert pr.p.wait(timeout=10) == 0
+
+
+def _http_status(url: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        return urllib.request.urlopen(url, timeout=3).status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_lameduck_then_drain(threaded_upstream, procs):
+    port, http = free_port(), free_port()
+    pr = procs("--listen", f"127.0.0.1:{port}", "--http", f"127.0.0.1:{http}",
+               "--upstream", threaded_upstream.address, "--lameduck", "3")
+    pr.wait_for_line("listening on")
+    assert _http_status(f"http://127.0.0.1:{http}/readyz") == 200
+    pr.p.send_signal(signal.SIGTERM)
+    pr.wait_for_line("lame duck")
+    # Not ready at once, but DNS keeps answering during the lame-duck period.
+    assert _http_status(f"http://127.0.0.1:{http}/readyz") == 503
+    assert _http_status(f"http://127.0.0.1:{http}/healthz") == 200
+    r = dns.query.udp(dns.message.make_query("www.example.test", "A"), "127.0.0.1", port=port,
+                      timeout=3)
+    assert r.answer
+    assert pr.p.wait(timeout=15) == 0
+
+
+def test_sigterm_under_load_answers_in_flight_queries(threaded_upstream, procs):
+    port = free_port()
+    pr = procs("--listen", f"127.0.0.1:{port}", "--http", "off",
+               "--upstream", threaded_upstream.address, "--timeout", "3")
+    pr.wait_for_line("listening on")
+    threaded_upstream.latency = 0.5
+    socks = []
+    try:
+        for i in range(50):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(5)
+            q = dns.message.make_query(f"h{i}.example.test", "A")
+            s.sendto(q.to_wire(), ("127.0.0.1", port))
+            socks.append((s, q.id))
+        # All 50 reached the upstream: they are in flight inside the sidecar now.
+        threaded_upstream.wait_for_queries_blocking(50, timeout=10)
+        pr.p.send_signal(signal.SIGTERM)
+        for s, qid in socks:
+            r = dns.message.from_wire(s.recv(4096))
+            assert r.id == qid and r.rcode() == dns.rcode.NOERROR and r.answer
+    finally:
+        for s, _ in socks:
+            s.close()
+    assert pr.p.wait(timeout=15) == 0
+
+
+def test_sighup_reload_keeps_serving_and_cache(threaded_upstream, procs):
+    port = free_port()
+    pr = procs("--listen", f"127.0.0.1:{port}", "--http", "off",
+               "--upstream", threaded_upstream.address)
+    pr.wait_for_line("listening on")
+    q = dns.message.make_query("www.example.test", "A")
+    assert dns.query.udp(q, "127.0.0.1", port=port, timeout=3).answer
+    pr.p.send_signal(signal.SIGHUP)
+    line = pr.wait_for_line("reloaded")
+    assert "cache kept (1 entries)" in line
+    assert dns.query.udp(q, "127.0.0.1", port=port, timeout=3).answer
+    assert threaded_upstream.count("www.example.test", "A") == 1
+    pr.p.send_signal(signal.SIGTERM)
+    assert pr.p.wait(timeout=10) == 0
