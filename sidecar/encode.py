@@ -29,8 +29,8 @@ from dnslib import (
     DNSRecord,
 )
 
-from .cache import NEVER, Entry
-from .wire import NOERROR, NXDOMAIN, SERVFAIL, rr_ttl_offsets
+from .cache import NEVER, RawEntry, new_entry
+from .wire import NXDOMAIN, SERVFAIL, rr_ttl_offsets
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,9 @@ def negative_ttl(soa_ttl: int, soa_minimum: int, policy: TtlPolicy) -> int:
 
 
 def build_entry(key: bytes, qtype: int, answer: Answer, soa: Any | None,
-                policy: TtlPolicy, now: float) -> Entry | None:
-    """Encode ``answer`` as an entry for ``key``; None when nothing may be cached (TTL 0).
+                policy: TtlPolicy, now: float) -> RawEntry:
+    """Encode ``answer`` as a raw cache entry for ``key`` (one that is already expired when
+    nothing may be cached, TTL 0: it still answers the queries waiting for it).
 
     ``soa`` is the enclosing zone's SOA (a pycares record) for NXDOMAIN/NODATA, or None.
     Data TTLs are clamped to [min_ttl, max_ttl]; negative answers live for the SOA's negative
@@ -153,16 +154,11 @@ def build_entry(key: bytes, qtype: int, answer: Answer, soa: Any | None,
     body = packed[qend:end]
     rel = tuple(o - qend for o in offsets)
     if lifetime <= 0:
-        return Entry(answer.rcode, an, ns, ar, body, rel, now, 0.0)
+        return new_entry(answer.rcode, an, ns, ar, body, rel, now, 0.0)
     prefetch_at = now + lifetime * 0.9 if policy.prefetch and lifetime >= 10 else NEVER
-    return Entry(answer.rcode, an, ns, ar, body, rel, now, lifetime, prefetch_at)
+    return new_entry(answer.rcode, an, ns, ar, body, rel, now, lifetime, prefetch_at)
 
 
-def servfail_entry(now: float, policy: TtlPolicy) -> Entry:
+def servfail_entry(now: float, policy: TtlPolicy) -> RawEntry:
     """A SERVFAIL remembered for ``servfail_ttl`` seconds (CoreDNS's ``servfail`` default)."""
-    return Entry(SERVFAIL, 0, 0, 0, b"", (), now, float(policy.servfail_ttl))
-
-
-def nodata_entry(now: float, lifetime: float) -> Entry:
-    """An empty NOERROR (used for ``--no-aaaa``)."""
-    return Entry(NOERROR, 0, 0, 0, b"", (), now, lifetime)
+    return new_entry(SERVFAIL, 0, 0, 0, b"", (), now, float(policy.servfail_ttl))

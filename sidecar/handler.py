@@ -12,7 +12,20 @@ from collections.abc import Coroutine
 from typing import Any
 
 from .acl import Acl
-from .cache import Cache, Entry
+from .cache import (
+    AGE,
+    BODY,
+    EXPIRES,
+    HDR,
+    HDR_EDNS,
+    PREFETCH_AT,
+    RCODE,
+    STORED,
+    Cache,
+    RawEntry,
+    render,
+    stale_body,
+)
 from .encode import FORWARDABLE
 from .errors import WireError
 from .ratelimit import RateLimiter
@@ -95,26 +108,27 @@ class QueryHandler:
                     udp_size = 512
                 if qend > 17:
                     key = data[12:qend].lower()
-                    entry = self._get(key)
-                    if entry is not None:
+                    e = self._get(key)
+                    if e is not None:
+                        # e is a raw cache tuple: 0 hdr, 1 hdr_edns, 2 body, 4 stored,
+                        # 5 expires, 6 age, 7 rcode, 8 prefetch_at (see cache.Entry).
                         now = _monotonic()
-                        if now < entry.expires and self._acl_get(host):
+                        if now < e[5] and self._acl_get(host):
                             if self.ratelimit is not None and not self.ratelimit.allow(host):
                                 return None
                             self._touch(key)
                             self.cache.hits += 1
-                            age = int(now - entry.stored)
-                            body = entry.body if age == entry.age else entry.render(age)
-                            if now > entry.prefetch_at:
-                                self.resolver.prefetch(key, entry)
-                            self.rcodes[entry.rcode] += 1
+                            age = int(now - e[4])
+                            body = e[2] if age == e[6] else self.cache.rendered_body(key, e, age)
+                            if now > e[8]:
+                                self.resolver.prefetch(key, e)
+                            self.rcodes[e[7]] += 1
                             rd = data[2] & 1
                             if edns:
-                                reply = b"".join((data[:2], _B2[rd], entry.hdr_edns, data[12:qend],
-                                                  body, OPT_RR))
+                                reply = b"".join((data[:2], _B2[rd], e[1], data[12:qend], body,
+                                                  OPT_RR))
                             else:
-                                reply = b"".join((data[:2], _B2[rd], entry.hdr, data[12:qend],
-                                                  body))
+                                reply = b"".join((data[:2], _B2[rd], e[0], data[12:qend], body))
                             if tcp or len(reply) <= udp_size:
                                 return reply
         return self._handle_full(data, host, tcp)
@@ -142,18 +156,18 @@ class QueryHandler:
             self.rcodes[REFUSED] += 1
             return error_reply(data, q, REFUSED)
         cache = self.cache
-        entry = cache.entries.get(q.key)
-        if entry is not None:
+        e = cache.entries.get(q.key)
+        if e is not None:
             now = time.monotonic()
-            if now < entry.expires:
+            if now < e[EXPIRES]:
                 cache.entries.move_to_end(q.key)
                 cache.hits += 1
-                age = int(now - entry.stored)
-                body = entry.body if age == entry.age else entry.render(age)
-                if now > entry.prefetch_at:
-                    self.resolver.prefetch(q.key, entry)
-                self.rcodes[entry.rcode] += 1
-                return self._reply(data, q, entry, body, tcp)
+                age = int(now - e[STORED])
+                body = e[BODY] if age == e[AGE] else cache.rendered_body(q.key, e, age)
+                if now > e[PREFETCH_AT]:
+                    self.resolver.prefetch(q.key, e)
+                self.rcodes[e[RCODE]] += 1
+                return self._reply(data, q, e, body, tcp)
         if q.edns_version:
             self.rcodes[BADVERS] += 1
             return error_reply(data, q, BADVERS)
@@ -170,27 +184,27 @@ class QueryHandler:
         return self._miss(data, q, tcp)
 
     async def _miss(self, data: bytes, q: ParsedQuery, tcp: bool) -> bytes | None:
-        entry, stale = await self.resolver.resolve(q.key)
+        e, stale = await self.resolver.resolve(q.key)
         if stale:
-            body = entry.stale_body()
+            body = stale_body(e)
         else:
-            age = int(time.monotonic() - entry.stored)
-            body = entry.body if age <= entry.age else entry.render(age)
-        self.rcodes[entry.rcode] += 1
-        return self._reply(data, q, entry, body, tcp)
+            age = int(time.monotonic() - e[STORED])
+            body = e[BODY] if age <= e[AGE] else render(e, age)[BODY]
+        self.rcodes[e[RCODE]] += 1
+        return self._reply(data, q, e, body, tcp)
 
-    def _reply(self, data: bytes, q: ParsedQuery, entry: Entry, body: bytes, tcp: bool) -> bytes:
+    def _reply(self, data: bytes, q: ParsedQuery, e: RawEntry, body: bytes, tcp: bool) -> bytes:
         question = data[12 : q.qend]
         rd = data[2] & 1
         if q.edns:
-            reply = b"".join((data[:2], _B2[rd], entry.hdr_edns, question, body, OPT_RR))
+            reply = b"".join((data[:2], _B2[rd], e[HDR_EDNS], question, body, OPT_RR))
         else:
-            reply = b"".join((data[:2], _B2[rd], entry.hdr, question, body))
+            reply = b"".join((data[:2], _B2[rd], e[HDR], question, body))
         if tcp or len(reply) <= q.udp_size:
             return reply
         # Does not fit the client's UDP size: header + question (+ OPT) with TC=1, so the
         # client retries over TCP (RFC 7766).
         self.truncated += 1
-        return b"".join((data[:2], _B2_TC[rd], entry.hdr[:1], _TC_TAIL[q.edns], question,
+        return b"".join((data[:2], _B2_TC[rd], e[HDR][:1], _TC_TAIL[q.edns], question,
                          OPT_RR if q.edns else b""))
 

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 
-from .cache import NEVER, Cache, Entry
+from .cache import EXPIRES, RCODE, Cache, RawEntry
 from .coalesce import Coalescer
 from .encode import FORWARDABLE, TtlPolicy, build_entry, servfail_entry
 from .errors import ResolveFailed
@@ -35,7 +35,7 @@ class Resolver:
         self.policy = policy
         self.serve_stale = serve_stale
         self.budget = budget
-        self.coalescer: Coalescer[tuple[Entry, bool]] = Coalescer()
+        self.coalescer: Coalescer[tuple[RawEntry, bool]] = Coalescer()
         self.soa = SoaFinder(pools)
         self._slots = asyncio.Semaphore(max_inflight)
         self.max_inflight = max_inflight
@@ -48,7 +48,7 @@ class Resolver:
     def inflight(self) -> int:
         return len(self.coalescer)
 
-    async def resolve(self, key: bytes) -> tuple[Entry, bool]:
+    async def resolve(self, key: bytes) -> tuple[RawEntry, bool]:
         if self.serve_stale:
             until = self._recheck.get(key)
             if until is not None:
@@ -63,24 +63,24 @@ class Resolver:
             self.cache.stale_served += 1
         return entry, stale
 
-    def prefetch(self, key: bytes, entry: Entry) -> None:
+    def prefetch(self, key: bytes, entry: RawEntry) -> None:
         """Refresh ``key`` in the background (once per entry; joins a fetch in flight)."""
-        entry.prefetch_at = NEVER
+        self.cache.no_prefetch(key, entry)
         if self.coalescer.joinable(key):
             return
         self.cache.prefetched += 1
         self.coalescer.run(key, lambda: self._fetch(key))
 
-    def _usable_stale(self, key: bytes) -> Entry | None:
-        old = self.cache.get(key)
-        if old is None or old.rcode == SERVFAIL:
+    def _usable_stale(self, key: bytes) -> RawEntry | None:
+        old = self.cache.entries.get(key)
+        if old is None or old[RCODE] == SERVFAIL:
             return None
         now = time.monotonic()
-        if old.expires <= now < old.expires + self.serve_stale:
+        if old[EXPIRES] <= now < old[EXPIRES] + self.serve_stale:
             return old
         return None
 
-    async def _fetch(self, key: bytes) -> tuple[Entry, bool]:
+    async def _fetch(self, key: bytes) -> tuple[RawEntry, bool]:
         try:
             return await self._fetch_inner(key)
         except Exception:
@@ -88,7 +88,7 @@ class Resolver:
             self.failed += 1
             return servfail_entry(time.monotonic(), self.policy), False
 
-    async def _fetch_inner(self, key: bytes) -> tuple[Entry, bool]:
+    async def _fetch_inner(self, key: bytes) -> tuple[RawEntry, bool]:
         name = qname_text(key)
         qtype = key_type(key)
         self.waiting += 1
@@ -119,14 +119,14 @@ class Resolver:
             self._slots.release()
         now = time.monotonic()
         entry = build_entry(key, qtype, answer, soa, self.policy, now)
-        if entry.expires > now:
+        if entry[EXPIRES] > now:
             self.cache.put(key, entry)
         else:
             self.cache.delete(key)
         self._recheck.pop(key, None)
         return entry, False
 
-    def _failure(self, key: bytes, kind: str) -> tuple[Entry, bool]:
+    def _failure(self, key: bytes, kind: str) -> tuple[RawEntry, bool]:
         self.failed += 1
         if self.serve_stale:
             old = self._usable_stale(key)
@@ -136,6 +136,6 @@ class Resolver:
                 self._recheck[key] = time.monotonic() + STALE_RECHECK
                 return old, True
         entry = servfail_entry(time.monotonic(), self.policy)
-        if self.policy.servfail_ttl > 0 and not (self.serve_stale and self.cache.get(key)):
+        if self.policy.servfail_ttl > 0 and not (self.serve_stale and key in self.cache.entries):
             self.cache.put(key, entry)
         return entry, False

@@ -7,6 +7,7 @@ with signal handling, lame duck and drain.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -158,6 +159,9 @@ async def serve(config: Config) -> int:
     """Run until SIGTERM/SIGINT; lame duck first when configured. Returns the exit code."""
     sidecar = Sidecar(config)
     await sidecar.start()
+    # Everything alive now (modules, the loop, listeners) lives as long as the process:
+    # keep it out of the cyclic GC's full collections, which then only walk new objects.
+    gc.freeze()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     got: list[int] = []

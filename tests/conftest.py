@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
@@ -97,6 +98,13 @@ async def make_sidecar(upstream: FakeUpstream
 @pytest.fixture
 async def sidecar(make_sidecar) -> RunningSidecar:
     return await make_sidecar()
+
+
+def expire_all(cache, ago: float = 1.0) -> None:
+    """Make every cache entry look expired ``ago`` seconds ago (instead of waiting)."""
+    now = time.monotonic()
+    for key in list(cache.entries):
+        cache.backdate(key, cache.get(key).expires - now + ago)
 
 
 class RawUdp:

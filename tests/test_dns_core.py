@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import struct
-import time
 
 import dns.asyncquery
 import dns.flags
@@ -13,7 +12,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from tests.conftest import query
+from tests.conftest import expire_all, query
 
 
 def rrset_texts(msg: dns.message.Message, rdtype: str) -> list[str]:
@@ -73,9 +72,7 @@ async def test_ttl_counts_down_and_second_query_is_a_hit(sidecar):
     assert first.answer[0].ttl == 300
     # Age the entry by 7 s instead of waiting 7 s.
     (key,) = [k for k in sidecar.cache.entries if b"www" in k]
-    entry = sidecar.cache.entries[key]
-    entry.stored -= 7
-    entry.expires -= 7
+    sidecar.cache.backdate(key, 7)
     second = await sidecar.query("www.example.test")
     assert second.answer[0].ttl == 293
     assert up.count("www.example.test", "A") == 1
@@ -86,8 +83,7 @@ async def test_expired_entry_is_refetched_from_upstream(sidecar):
     """The c-ares query cache must not answer a refresh: the upstream sees both queries."""
     up = sidecar.upstream
     await sidecar.query("www.example.test")
-    for entry in sidecar.cache.entries.values():
-        entry.expires = time.monotonic() - 1
+    expire_all(sidecar.cache)
     await sidecar.query("www.example.test")
     assert up.count("www.example.test", "A") == 2
 
@@ -264,10 +260,10 @@ async def test_servfail_remembered_only_briefly(make_sidecar):
     await sc.query("mail.example.test")
     await sc.query("mail.example.test")
     assert sc.upstream.count("mail.example.test", "A") == 1
-    (entry,) = [e for k, e in sc.cache.entries.items() if b"mail" in k]
+    (entry,) = [e for k, e in sc.cache.items() if b"mail" in k]
     assert entry.expires - entry.stored == 5
     sc.upstream.name_rcode = {}
-    entry.expires = time.monotonic() - 1
+    expire_all(sc.cache)
     r = await sc.query("mail.example.test")
     assert r.rcode() == dns.rcode.NOERROR
 

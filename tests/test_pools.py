@@ -9,6 +9,7 @@ import dns.rcode
 import pytest
 
 from sidecar import HostPort
+from tests.conftest import expire_all
 from tests.fakeupstream import FakeUpstream
 
 WAIT = 15.0  # bound on waiting for a state change the prober makes
@@ -133,8 +134,7 @@ async def test_zone_routing_longest_suffix(make_sidecar, upstream, second_upstre
 async def test_serve_stale_when_upstreams_fail(make_sidecar, upstream):
     sc = await make_sidecar(serve_stale=60, timeout=0.2, tries=1)
     await sc.query("www.example.test")
-    for e in sc.cache.entries.values():
-        e.expires = time.monotonic() - 1  # expired a second ago
+    expire_all(sc.cache, ago=1)
     upstream.drop = True
     r = await sc.query("www.example.test")
     assert r.rcode() == dns.rcode.NOERROR
@@ -149,8 +149,7 @@ async def test_serve_stale_when_upstreams_fail(make_sidecar, upstream):
 async def test_no_serve_stale_beyond_window(make_sidecar, upstream):
     sc = await make_sidecar(serve_stale=10, timeout=0.2, tries=1)
     await sc.query("www.example.test")
-    for e in sc.cache.entries.values():
-        e.expires = time.monotonic() - 11
+    expire_all(sc.cache, ago=11)
     upstream.drop = True
     r = await sc.query("www.example.test")
     assert r.rcode() == dns.rcode.SERVFAIL
@@ -159,8 +158,7 @@ async def test_no_serve_stale_beyond_window(make_sidecar, upstream):
 async def test_serve_stale_off_gives_servfail(make_sidecar, upstream):
     sc = await make_sidecar(timeout=0.2, tries=1)
     await sc.query("www.example.test")
-    for e in sc.cache.entries.values():
-        e.expires = time.monotonic() - 1
+    expire_all(sc.cache, ago=1)
     upstream.drop = True
     r = await sc.query("www.example.test")
     assert r.rcode() == dns.rcode.SERVFAIL
@@ -169,9 +167,11 @@ async def test_serve_stale_off_gives_servfail(make_sidecar, upstream):
 async def test_prefetch_refreshes_before_expiry_once(make_sidecar, upstream):
     sc = await make_sidecar(prefetch=True)
     await sc.query("www.example.test")
-    (entry,) = sc.cache.entries.values()
+    ((key, entry),) = sc.cache.items()
     assert entry.prefetch_at < entry.expires  # at 90% of the TTL
-    entry.prefetch_at = time.monotonic() - 1  # as if we were in the last 10% of the TTL
+    # As if 1 s into the last 10% of the TTL.
+    sc.cache.backdate(key, entry.prefetch_at - time.monotonic() + 1)
+    entry = sc.cache.get(key)
     replies = await asyncio.gather(*(sc.query("www.example.test") for _ in range(20)))
     assert all(r.answer for r in replies)  # all served from the cache
     refresh = list(sc.sc.resolver.coalescer.inflight.values())
@@ -179,8 +179,8 @@ async def test_prefetch_refreshes_before_expiry_once(make_sidecar, upstream):
     if refresh:
         await refresh[0]
     assert upstream.count("www.example.test", "A") == 2
-    (fresh,) = sc.cache.entries.values()
-    assert fresh is not entry and fresh.stored > entry.stored
+    fresh = sc.cache.get(key)
+    assert fresh.stored > entry.stored and fresh.expires > entry.expires
     assert sc.cache.prefetched == 1
 
 
