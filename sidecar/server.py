@@ -68,6 +68,10 @@ class Sidecar:
         """Bind every listener and the API; raise :class:`StartupError` when one cannot."""
         if not self.config.upstreams:
             raise StartupError("no upstream known; use --upstream")
+        own = {(a.host, a.port) for a in self.config.listen}
+        for server in self.config.upstreams + tuple(s for _z, ss in self.config.zones for s in ss):
+            if (server.host, server.port) in own:
+                raise StartupError(f"upstream {server} is this sidecar's own listener (a loop)")
         self.udp, self.tcp, self.dns_addresses, self.udp_rcvbuf = await open_listeners(
             self.config.listen, self.handler.handle, rcvbuf=self.config.udp_rcvbuf,
             tcp_max_connections=self.config.tcp_max_connections,

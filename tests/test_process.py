@@ -225,3 +225,11 @@ def test_sighup_reload_keeps_serving_and_cache(threaded_upstream, procs):
     assert threaded_upstream.count("www.example.test", "A") == 1
     pr.p.send_signal(signal.SIGTERM)
     assert pr.p.wait(timeout=10) == 0
+
+
+def test_upstream_pointing_at_itself_exits_1():
+    port = free_port()
+    p = subprocess.run(sidecar_cmd("--listen", f"127.0.0.1:{port}", "--http", "off",
+                                   "--upstream", f"127.0.0.1:{port}"),
+                       capture_output=True, text=True, timeout=20)
+    assert p.returncode == 1 and "loop" in p.stderr and len(p.stderr.strip().splitlines()) == 1
