@@ -35,11 +35,12 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from dnslib import QTYPE, DNSRecord
+from dnslib import QTYPE, RR, DNSRecord
 
+from .cache import Entry
 from .config import HostPort
 from .encode import TYPE_NUMBERS
 from .errors import StartupError, WireError
@@ -47,6 +48,9 @@ from .metrics import CONTENT_TYPE_LATEST, make_registry, render
 from .openapi import openapi_document
 from .stats import not_ready_reasons, snapshot
 from .wire import RCODE_NAMES, make_key, skip_name
+
+if TYPE_CHECKING:
+    from .server import Sidecar
 
 log = logging.getLogger("sidecar.api")
 
@@ -161,20 +165,18 @@ def parse_type(raw: object, field: str) -> str:
     return qtype
 
 
-def decode_entry(key: bytes, entry: Any) -> DNSRecord:
+def decode_entry(key: bytes, entry: Entry) -> DNSRecord:
     """Parse a cache entry as a full DNS reply (ID 0), TTLs as of the entry's last render."""
-    b3_counts = entry.hdr
-    header = b"\x00\x00\x81" + b3_counts
-    return DNSRecord.parse(header + key + entry.body)
+    return DNSRecord.parse(b"\x00\x00\x81" + entry.hdr + key + entry.body)
 
 
-def _rr_data(rr: Any) -> str:
+def _rr_data(rr: RR) -> str:
     if rr.rtype in (1, 28):
         return str(ipaddress.ip_address(str(rr.rdata)))
     return str(rr.rdata)
 
 
-def entry_records(key: bytes, entry: Any, qtype: int) -> list[str]:
+def entry_records(key: bytes, entry: Entry, qtype: int) -> list[str]:
     """The records a pre-warm reports for an entry: for A/AAAA the addresses at the end of
     any CNAME chain (read straight from the wire bytes), for other types the rdata of the
     answer records of that type in presentation form (via dnslib)."""
@@ -201,7 +203,7 @@ def final_records(msg: DNSRecord, qtype: int) -> list[str]:
     return [_rr_data(rr) for rr in msg.rr if rr.rtype == qtype]
 
 
-def _rr_json(rr: Any, aged: int) -> dict[str, Any]:
+def _rr_json(rr: RR, aged: int) -> dict[str, Any]:
     return {
         "name": str(rr.rname).rstrip(".") or ".",
         "type": QTYPE.get(rr.rtype, str(rr.rtype)),
@@ -225,9 +227,9 @@ class ApiServer:
     coalesced with live traffic by the resolver).
     """
 
-    def __init__(self, sidecar: Any) -> None:
+    def __init__(self, sidecar: Sidecar) -> None:
         self.sidecar = sidecar
-        token = getattr(sidecar.config, "api_token", None)
+        token = sidecar.config.api_token
         self._token_digest = hashlib.sha256(token.encode()).digest() if token else None
         self.registry = make_registry(sidecar, self)
         self.app = self._make_app()
@@ -267,7 +269,7 @@ class ApiServer:
         self._runner = runner
         sockname = runner.addresses[0]
         self.address = HostPort(addr.host, int(sockname[1]))
-        warning = exposure_warning(addr, getattr(self.sidecar.config, "api_token", None))
+        warning = exposure_warning(addr, self.sidecar.config.api_token)
         if warning:
             log.warning("%s", warning)
         return self.address
@@ -326,7 +328,7 @@ class ApiServer:
     async def healthz(self, request: web.Request) -> web.Response:
         """Liveness: 200 ``{"status": "ok"}`` while the listeners serve DNS, else 503
         ``{"status": "not serving"}``."""
-        if getattr(self.sidecar, "serving", False):
+        if self.sidecar.serving:
             return web.json_response({"status": "ok"})
         return web.json_response({"status": "not serving"}, status=503)
 
@@ -338,7 +340,7 @@ class ApiServer:
             return web.json_response({"status": "ready"})
         return web.json_response(
             {"status": "not ready", "reasons": reasons,
-             "lameduck": bool(getattr(self.sidecar, "lameduck", False))},
+             "lameduck": self.sidecar.lameduck},
             status=503)
 
     # -------------------------------------------------------------- stats and metrics
@@ -474,11 +476,11 @@ class ApiServer:
         self._authorize(request)
         names, types = await self._parse_prewarm(await self._read_json(request))
         jobs = [(name, qtype) for name in names for qtype in types]
-        entries: list[Any] = [None] * len(jobs)
+        entries: list[Entry | None] = [None] * len(jobs)
         keys: list[bytes] = [b""] * len(jobs)
         misses: list[int] = []
         sc = self.sidecar
-        no_aaaa = bool(getattr(sc.config, "no_aaaa", False))
+        no_aaaa = sc.config.no_aaaa
         pacer = _Pacer()
         now = time.monotonic()
         for i, (name, qtype) in enumerate(jobs):
@@ -500,7 +502,8 @@ class ApiServer:
 
         async def worker() -> None:
             for i in todo:
-                entries[i], _stale = await sc.resolver.resolve(keys[i])
+                raw, _stale = await sc.resolver.resolve(keys[i])
+                entries[i] = Entry._make(raw)
 
         workers = min(PREWARM_CONCURRENCY, len(misses))
         if workers:
@@ -522,12 +525,11 @@ class ApiServer:
         return web.Response(text=text, content_type=_JSON)
 
     def _prewarm_result(self, name: str, qtype: str, key: bytes,
-                        entry: Any) -> dict[str, Any]:
+                        entry: Entry | None) -> dict[str, Any]:
         """One element of ``results``; ``entry`` None means --no-aaaa's local NODATA."""
         if entry is None:
-            ttl = int(getattr(self.sidecar.config, "max_negative_ttl", 0))
-            return {"name": name, "type": qtype, "rcode": "NOERROR", "ttl": ttl,
-                    "records": []}
+            return {"name": name, "type": qtype, "rcode": "NOERROR",
+                    "ttl": self.sidecar.config.max_negative_ttl, "records": []}
         try:
             records = entry_records(key, entry, TYPE_NUMBERS[qtype])
         except Exception:  # an entry that cannot be parsed: report the rcode, no records

@@ -16,7 +16,7 @@ histograms in seconds. Labels: ``proto`` (udp, tcp), ``rcode`` (NOERROR, NXDOMAI
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -29,6 +29,10 @@ from prometheus_client.utils import floatToGoString
 
 from . import stats
 from .latency import BUCKETS
+
+if TYPE_CHECKING:
+    from .api import ApiServer
+    from .server import Sidecar
 
 PREFIX = "dns_sidecar_"
 
@@ -68,7 +72,7 @@ class SidecarCollector:
     """Reads a :class:`~sidecar.server.Sidecar` at scrape time. ``api`` (optional) is the
     :class:`~sidecar.api.ApiServer`, for the pre-warm counters."""
 
-    def __init__(self, sidecar: Any, api: Any = None) -> None:
+    def __init__(self, sidecar: Sidecar, api: ApiServer | None = None) -> None:
         self.sidecar = sidecar
         self.api = api
 
@@ -82,6 +86,8 @@ class SidecarCollector:
         cache = sc.cache
         handler = sc.handler
         resolver = sc.resolver
+        tcp = stats.tcp_stats(sc)
+        udp = stats.udp_stats(sc)
 
         m = _counter("dns_requests", "DNS messages received, by transport.", labels=("proto",))
         for proto, n in stats.transport_counts(sc).items():
@@ -92,69 +98,68 @@ class SidecarCollector:
             m.add_metric([rcode], n)
         yield m
         yield _counter("dns_dropped", "DNS messages not answered (unreadable header or QR=1).",
-                       stats.num(handler, "dropped"))
-        yield _counter("dns_truncated", "UDP replies sent truncated (TC=1).",
-                       stats.num(handler, "truncated"))
-        yield _counter("dns_denied", "Queries refused by the client ACL.",
-                       stats.num(handler, "denied"))
+                       handler.dropped)
+        yield _counter("dns_truncated", "UDP replies sent truncated (TC=1).", handler.truncated)
+        yield _counter("dns_denied", "Queries refused by the client ACL.", handler.denied)
         m = _counter("listener_errors", "Errors on the DNS sockets, by transport.",
                      labels=("proto",))
-        m.add_metric(["udp"], sum(stats.num(u, "errors") for u in sc.udp))
-        m.add_metric(["tcp"], sum(stats.num(t, "errors") for t in sc.tcp))
+        m.add_metric(["udp"], udp["errors"])
+        m.add_metric(["tcp"], tcp["errors"])
         yield m
 
-        yield _counter("cache_hits", "Queries answered from a fresh cache entry.",
-                       stats.num(cache, "hits"))
-        yield _counter("cache_misses", "Queries that needed an upstream fetch.",
-                       stats.num(cache, "misses"))
+        yield _counter("cache_hits", "Queries answered from a fresh cache entry.", cache.hits)
+        yield _counter("cache_misses", "Queries that needed an upstream fetch.", cache.misses)
         yield _gauge("cache_entries", "Entries in the cache (fresh and expired).",
                      len(cache.entries))
         yield _gauge("cache_capacity", "Largest number of cache entries (--cache-size).",
-                     stats.num(cache, "capacity"))
+                     cache.capacity)
         yield _counter("cache_evictions", "Entries evicted to stay within the capacity.",
-                       stats.num(cache, "evictions"))
-        yield _counter("cache_inserts", "Entries stored or replaced.", stats.num(cache, "inserts"))
+                       cache.evictions)
+        yield _counter("cache_inserts", "Entries stored or replaced.", cache.inserts)
         yield _counter("cache_coalesced", "Misses that joined an upstream fetch in flight.",
-                       stats.coalesced(sc))
+                       resolver.coalescer.coalesced)
         yield _counter("cache_stale_served", "Answers served from expired entries (RFC 8767).",
-                       stats.num(cache, "stale_served"))
+                       cache.stale_served)
         yield _counter("cache_prefetch", "Background refreshes of popular entries started.",
-                       stats.num(cache, "prefetched"))
+                       cache.prefetched)
 
         yield _gauge("resolver_inflight", "Upstream fetches in flight (distinct questions).",
-                     stats.num(resolver, "inflight"))
+                     resolver.inflight)
         yield _gauge("resolver_waiting", "Fetches waiting for an upstream concurrency slot.",
-                     stats.num(resolver, "waiting"))
+                     resolver.waiting)
         yield _counter("resolver_shed", "Fetches answered SERVFAIL because no slot freed up"
-                       " within the time budget.", stats.num(resolver, "shed"))
+                       " within the time budget.", resolver.shed)
         yield _counter("resolver_failures", "Fetches that ended in SERVFAIL (or stale).",
-                       stats.num(resolver, "failed"))
+                       resolver.failed)
 
         yield from self._upstreams()
 
-        tcps = list(sc.tcp)
-        yield _gauge("tcp_connections", "Open DNS-over-TCP connections.",
-                     sum(len(getattr(t, "connections", ())) for t in tcps))
+        yield _gauge("tcp_connections", "Open DNS-over-TCP connections.", tcp["connections"])
         yield _counter("tcp_connections_accepted", "DNS-over-TCP connections accepted.",
-                       sum(stats.num(t, "accepted") for t in tcps))
+                       tcp["accepted"])
         yield _counter("tcp_connections_rejected", "DNS-over-TCP connections refused at the"
-                       " connection bound.", sum(stats.num(t, "rejected") for t in tcps))
+                       " connection bound.", tcp["rejected"])
         yield _counter("tcp_idle_closed", "DNS-over-TCP connections closed for idleness.",
-                       sum(stats.num(t, "idle_closed") for t in tcps))
+                       tcp["idle_closed"])
+
+        if udp["kernel_drops"] is not None:  # only Linux tells
+            yield _counter("udp_kernel_drops", "Datagrams the kernel dropped on the DNS UDP"
+                           " sockets (receive buffer full).", udp["kernel_drops"])
+        yield _gauge("udp_receive_buffer_bytes", "Receive buffer the kernel granted each DNS"
+                     " UDP socket (SO_RCVBUF, bytes).", udp["rcvbuf"])
 
         if self.api is not None:
             m = _counter("prewarm_lookups", "Pre-warm lookups (name and type), by where the"
                          " answer came from.", labels=("source",))
-            m.add_metric(["cache"], stats.num(self.api, "prewarm_cached"))
-            m.add_metric(["resolver"], stats.num(self.api, "prewarm_resolved"))
+            m.add_metric(["cache"], self.api.prewarm_cached)
+            m.add_metric(["resolver"], self.api.prewarm_resolved)
             yield m
             yield _counter("prewarm_requests", "POST /prewarm calls answered.",
-                           stats.num(self.api, "prewarm_calls"))
+                           self.api.prewarm_calls)
 
         yield _gauge("ready", "1 when ready (every pool has a healthy upstream, not in lame"
-                     " duck), else 0.", 1.0 if getattr(sc, "ready", False) else 0.0)
-        yield _gauge("uptime_seconds", "Seconds since the sidecar started serving.",
-                     float(getattr(sc, "uptime", 0.0)))
+                     " duck), else 0.", 1.0 if sc.ready else 0.0)
+        yield _gauge("uptime_seconds", "Seconds since the sidecar started serving.", sc.uptime)
         m = _gauge("build_info", "Always 1; the version is in the label.", labels=("version",))
         m.add_metric([_version()], 1.0)
         yield m
@@ -180,28 +185,24 @@ class SidecarCollector:
         pool_failures = _counter("pool_failures", "Queries no upstream of the pool answered.",
                                  labels=("pool",))
         for pool, u in stats.iter_upstreams(self.sidecar):
-            lv = [pool, str(u.address)]
-            for outcome, n in (getattr(u, "outcomes", {}) or {}).items():
+            lv = [pool, u.address]
+            for outcome, n in u.outcomes.items():
                 requests.add_metric([*lv, outcome], n)
-            lat = getattr(u, "latency", None)
-            if lat is not None:
-                count = stats.num(lat, "count")
-                duration.add_metric(lv, histogram_buckets(list(lat.buckets), count),
-                                    float(getattr(lat, "total", 0.0)))
-            healthy.add_metric(lv, 1.0 if stats.upstream_healthy(u) else 0.0)
-            inflight.add_metric(lv, stats.num(u, "inflight"))
-            quarantines.add_metric(lv, stats.num(getattr(u, "health", None), "quarantines"))
-            probes.add_metric(lv, stats.num(u, "probes"))
-        for p in getattr(self.sidecar.pools, "pools", ()):
-            label = getattr(p, "label", None) or "."
-            ups = list(getattr(p, "upstreams", ()))
-            pool_healthy.add_metric([label], sum(1 for u in ups if stats.upstream_healthy(u)))
-            pool_failures.add_metric([label], stats.num(p, "failures"))
+            lat = u.latency
+            duration.add_metric(lv, histogram_buckets(lat.buckets, lat.count), lat.total)
+            healthy.add_metric(lv, 1.0 if u.health.healthy else 0.0)
+            inflight.add_metric(lv, u.inflight)
+            quarantines.add_metric(lv, u.health.quarantines)
+            probes.add_metric(lv, u.probes)
+        for p in stats.pool_stats(self.sidecar):
+            pool_healthy.add_metric([p["pool"]], p["healthy"])
+            pool_failures.add_metric([p["pool"]], p["failures"])
         yield from (requests, duration, healthy, inflight, quarantines, probes, pool_healthy,
                     pool_failures)
 
 
-def make_registry(sidecar: Any, api: Any = None, *, process: bool = True) -> CollectorRegistry:
+def make_registry(sidecar: Sidecar, api: ApiServer | None = None, *,
+                  process: bool = True) -> CollectorRegistry:
     """A private registry holding a :class:`SidecarCollector` (and, with ``process``, the
     standard ``process_*`` metrics: CPU seconds, resident memory, open fds, start time)."""
     registry = CollectorRegistry(auto_describe=False)

@@ -96,8 +96,23 @@ def _schemas(max_names: int) -> dict[str, Any]:
                               "max_inflight": _INT}),
             "tcp": _obj({"connections": _INT, "accepted": _INT, "rejected": _INT,
                          "idle_closed": _INT, "errors": _INT}),
-            "udp": _obj({"errors": _INT}),
-            "udp_rcvbuf": {**_INT, "description": "bytes granted by the kernel"},
+            "udp": _obj({
+                "errors": _INT,
+                "kernel_drops": {"type": ["integer", "null"], "minimum": 0,
+                                 "description": "datagrams the kernel dropped on the sidecar's"
+                                                " UDP sockets (receive buffer full) since they"
+                                                " were opened; null where the kernel does not"
+                                                " tell (not Linux)"},
+                "rcvbuf": {**_INT, "description": "receive buffer the kernel granted each UDP"
+                                                  " socket, bytes"},
+                "host_rcvbuf_errors": {"type": ["integer", "null"], "minimum": 0,
+                                       "description": "datagrams dropped for a full receive"
+                                                      " buffer on any UDP socket of the"
+                                                      " network namespace (IPv4 + IPv6) since"
+                                                      " boot; null where the kernel does not"
+                                                      " tell"},
+            }),
+            "udp_rcvbuf": {**_INT, "description": "bytes granted by the kernel (as udp.rcvbuf)"},
             "prewarm": _obj({"calls": _INT, "cached": _INT, "resolved": _INT}),
         }, required=["uptime_s", "queries", "cache", "upstreams"]),
         "Record": _obj({
@@ -209,8 +224,8 @@ def _paths(concurrency: int, max_body: int) -> dict[str, Any]:
         },
         "/prewarm": {"post": {
             "summary": "Resolve names into the cache and return their answers",
-            "description": "Lookups are coalesced with live traffic and run at most 256 at"
-                           " once; a fresh cache entry is used as it is.",
+            "description": "Lookups are coalesced with live traffic and run at most"
+                           f" {concurrency} at once; a fresh cache entry is used as it is.",
             "security": [{"bearer": []}],
             "requestBody": {"required": True, "content": {
                 "application/json": {"schema": _ref("PrewarmRequest")}}},

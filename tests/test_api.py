@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -43,6 +45,8 @@ from tests.fakeupstream import FakeUpstream
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+#: The kernel's UDP counters are read from Linux's /proc/net.
+LINUX = sys.platform.startswith("linux") and os.path.exists("/proc/net/udp")
 
 
 # ------------------------------------------------------------------ fixtures and helpers
@@ -238,6 +242,19 @@ async def test_stats_counts_the_traffic(up: FakeUpstream, sc: Sidecar,
     assert stats["tcp"]["accepted"] == 2
 
 
+async def test_stats_udp_kernel_counters(sc: Sidecar, http: aiohttp.ClientSession) -> None:
+    await dns_query(sc, "www.example.test")
+    _, stats, _ = await call(http, "GET", url(sc, "/stats"))
+    udp = stats["udp"]
+    assert set(udp) == {"errors", "kernel_drops", "rcvbuf", "host_rcvbuf_errors"}
+    assert udp["rcvbuf"] == stats["udp_rcvbuf"] == sc.udp_rcvbuf > 0
+    if LINUX:
+        assert isinstance(udp["kernel_drops"], int) and udp["kernel_drops"] >= 0
+        assert isinstance(udp["host_rcvbuf_errors"], int) and udp["host_rcvbuf_errors"] >= 0
+    else:
+        assert udp["kernel_drops"] is None
+
+
 async def test_stats_latency_null_before_any_answer(sc: Sidecar,
                                                     http: aiohttp.ClientSession) -> None:
     _, stats, _ = await call(http, "GET", url(sc, "/stats"))
@@ -274,7 +291,7 @@ async def test_cache_get_entry(sc: Sidecar, http: aiohttp.ClientSession) -> None
 async def test_cache_get_stale_entry(sc: Sidecar, http: aiohttp.ClientSession) -> None:
     await dns_query(sc, "www.example.test")
     key = next(iter(sc.cache.entries))
-    sc.cache.entries[key].expires = time.monotonic() - 5  # as if 5 s past its TTL
+    sc.cache.backdate(key, sc.cache.get(key).remaining() + 5)  # as if 5 s past its TTL
     status, body, _ = await call(http, "GET", url(sc, "/cache?name=www.example.test"))
     assert status == 200
     assert body["stale"] is True

@@ -3,9 +3,14 @@ and compared with the DNS traffic the test sent (and with the fake upstream's ow
 
 from __future__ import annotations
 
+import asyncio
+import os
+import socket
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,12 +23,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import sidecar
-from sidecar import Config, HostPort, Sidecar
+from sidecar import Config, HostPort, Sidecar, kernel
 from sidecar.latency import BUCKETS
 from sidecar.metrics import CONTENT_TYPE_LATEST, histogram_buckets
 from tests.fakeupstream import FakeUpstream
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+LINUX = sys.platform.startswith("linux") and os.path.exists("/proc/net/udp")
+linux_only = pytest.mark.skipif(not LINUX, reason="the kernel counters are Linux's /proc/net")
 
 
 def make_config(up: FakeUpstream, **overrides: Any) -> Config:
@@ -190,6 +198,8 @@ async def test_metrics_follow_upstream_failures(up: FakeUpstream, sc: Sidecar) -
     for i in range(3):  # three timeouts quarantine the only server
         reply = await dns_query(sc, f"h{i}.example.test")
         assert reply.rcode() == dns.rcode.SERVFAIL
+    # The SERVFAIL leaves at the pool's deadline; the try itself may time out a moment later.
+    await asyncio.wait_for(sc.pools.default.upstreams[0].idle(), 5)
     got = samples((await scrape(sc))[1])
     up_labels = {"pool": ".", "server": f"127.0.0.1:{up.port}"}
     assert value(got, "dns_sidecar_upstream_requests_total", outcome="timeout",
@@ -237,3 +247,112 @@ def test_histogram_buckets_are_cumulative() -> None:
     assert got[3] == ("0.0025", 7.0)
     assert got[len(BUCKETS) - 1] == ("5.0", 7.0)
     assert got[-1] == ("+Inf", 8.0)
+
+
+# ------------------------------------------------------------------ kernel UDP drops
+
+# As Linux 6.x writes them (inodes and drop counts edited in).
+PROC_NET_UDP = """\
+   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+   79: 0100007F:62D4 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1026258 2 0000000094a9559e 17
+   99: 0100007F:62E8 00000000:0000 07 00000000:00017900 00:00000000 00000000  1000        0 1089644 2 00000000a07e0cfc 0
+"""
+PROC_NET_UDP6 = """\
+  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+14397: 00000000000000000000000001000000:9AC2 00000000000000000000000000000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1529680 2 000000009d918326 5
+"""
+PROC_NET_SNMP = """\
+Ip: Forwarding DefaultTTL InReceives
+Ip: 1 64 123
+Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors IgnoredMulti MemErrors
+Udp: 99376295 13055 37126 99427989 37125 0 1 0 0
+UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors IgnoredMulti MemErrors
+UdpLite: 0 0 9 0 9 0 0 0 0
+"""
+PROC_NET_SNMP6 = """\
+Ip6InReceives                   \t1200
+Udp6InDatagrams                 \t72
+Udp6InErrors                    \t4
+Udp6RcvbufErrors                \t3
+UdpLite6RcvbufErrors            \t9
+"""
+
+
+def test_parse_socket_drops() -> None:
+    assert kernel.parse_socket_drops(PROC_NET_UDP, {"1026258", "1529680"}) == {1026258: 17}
+    assert kernel.parse_socket_drops(PROC_NET_UDP6, {"1529680"}) == {1529680: 5}
+    assert kernel.parse_socket_drops(PROC_NET_UDP, {"0", "1000", "2"}) == {}  # not inodes
+    assert kernel.parse_socket_drops(PROC_NET_UDP.splitlines()[0], {"1026258"}) == {}
+
+
+def test_parse_snmp() -> None:
+    udp = kernel.parse_snmp(PROC_NET_SNMP)
+    assert (udp["RcvbufErrors"], udp["InErrors"], udp["InCsumErrors"]) == (37125, 37126, 1)
+    assert kernel.parse_snmp(PROC_NET_SNMP, "UdpLite")["RcvbufErrors"] == 9
+    assert kernel.parse_snmp("Ip: Forwarding\nIp: 1\n") == {}
+    assert kernel.parse_snmp6(PROC_NET_SNMP6) == {
+        "Udp6InDatagrams": 72, "Udp6InErrors": 4, "Udp6RcvbufErrors": 3}
+
+
+def test_kernel_readers_on_a_proc_tree(tmp_path: Path) -> None:
+    """The readers sum IPv4 and IPv6, and say None (or empty) when the files are missing."""
+    assert kernel.read_socket_drops([1026258], str(tmp_path)) is None
+    assert kernel.udp_namespace_counters(str(tmp_path)) == {}
+    assert kernel.host_rcvbuf_errors(str(tmp_path)) is None
+
+    (tmp_path / "udp").write_text(PROC_NET_UDP)
+    (tmp_path / "snmp").write_text(PROC_NET_SNMP)
+    assert kernel.read_socket_drops([1026258, 1529680], str(tmp_path)) == {1026258: 17}
+    assert kernel.host_rcvbuf_errors(str(tmp_path)) == 37125
+
+    (tmp_path / "udp6").write_text(PROC_NET_UDP6)
+    (tmp_path / "snmp6").write_text(PROC_NET_SNMP6)
+    assert kernel.read_socket_drops([1026258, 1529680, 7], str(tmp_path)) == {
+        1026258: 17, 1529680: 5}
+    assert kernel.host_rcvbuf_errors(str(tmp_path)) == 37125 + 3
+    counters = kernel.udp_namespace_counters(str(tmp_path))
+    assert (counters["InErrors"], counters["Udp6InErrors"]) == (37126, 4)
+
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.close()
+    assert kernel.socket_inode(closed) is None
+    assert kernel.udp_socket_drops([closed], str(tmp_path)) == 0
+
+
+@linux_only
+def test_kernel_counts_real_drops() -> None:
+    """A socket with a tiny receive buffer that nobody reads: the kernel drops datagrams
+    and the reader finds them by the socket's inode."""
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the kernel's minimum
+        rx.bind(("127.0.0.1", 0))
+        assert kernel.udp_socket_drops([rx]) == 0
+        for _ in range(50):
+            tx.sendto(b"x" * 1000, rx.getsockname())
+        drops = kernel.udp_socket_drops([rx])
+        assert drops is not None and 0 < drops < 50
+        assert kernel.read_socket_drops([kernel.socket_inode(rx)]) == {
+            kernel.socket_inode(rx): drops}
+    finally:
+        rx.close()
+        tx.close()
+
+
+async def test_udp_kernel_metrics(sc: Sidecar) -> None:
+    await dns_query(sc, "www.example.test")
+    _, families = await scrape(sc)
+    by_name = {f.name: f for f in families}
+    got = samples(families)
+    assert by_name["dns_sidecar_udp_receive_buffer_bytes"].type == "gauge"
+    assert value(got, "dns_sidecar_udp_receive_buffer_bytes") == sc.udp_rcvbuf > 0
+    if not LINUX:
+        assert "dns_sidecar_udp_kernel_drops" not in by_name
+        return
+    assert by_name["dns_sidecar_udp_kernel_drops"].type == "counter"
+    assert value(got, "dns_sidecar_udp_kernel_drops_total") >= 0
+    # The sidecar's own sockets are found in the kernel's table (matched by inode).
+    inodes = [kernel.socket_inode(u.transport.get_extra_info("socket")) for u in sc.udp]
+    assert None not in inodes
+    assert set(kernel.read_socket_drops(inodes) or {}) == set(inodes)
