@@ -155,6 +155,9 @@ class QueryHandler:
             self.denied += 1
             self.rcodes[REFUSED] += 1
             return error_reply(data, q, REFUSED)
+        if q.edns_version:
+            self.rcodes[BADVERS] += 1  # RFC 6891 6.1.3, cached or not
+            return error_reply(data, q, BADVERS)
         cache = self.cache
         e = cache.entries.get(q.key)
         if e is not None:
@@ -168,9 +171,6 @@ class QueryHandler:
                     self.resolver.prefetch(q.key, e)
                 self.rcodes[e[RCODE]] += 1
                 return self._reply(data, q, e, body, tcp)
-        if q.edns_version:
-            self.rcodes[BADVERS] += 1
-            return error_reply(data, q, BADVERS)
         if q.qclass != CLASS_IN:
             self.rcodes[REFUSED] += 1
             return error_reply(data, q, REFUSED)

@@ -47,6 +47,7 @@ class Pool:
         self.upstreams = [Upstream(s, name or ".", timeout) for s in servers]
         self.failures = 0  # queries that no server answered
         self.hedged = 0  # tries started early because the previous one was slow
+        self._tries: set[asyncio.Future] = set()  # every try in flight, losers included
 
     @property
     def label(self) -> str:
@@ -97,7 +98,10 @@ class Pool:
             server = order[launched % len(order)]
             launched += 1
             left = deadline - time.monotonic()
-            running.add(asyncio.ensure_future(server.query(name, qtype, min(self.timeout, left))))
+            fut = asyncio.ensure_future(server.query(name, qtype, min(self.timeout, left)))
+            running.add(fut)
+            self._tries.add(fut)
+            fut.add_done_callback(self._tries.discard)
             return server
 
         current = launch()
@@ -123,7 +127,7 @@ class Pool:
                     if not isinstance(exc, UpstreamError):
                         raise exc
                     last = exc.kind
-                    if exc.kind == "badname":
+                    if exc.kind in ("badname", "closed"):
                         running.clear()
                         break
                 else:
@@ -151,6 +155,12 @@ class Pool:
         await asyncio.gather(*(u.probe() for u in due), return_exceptions=True)
 
     async def close(self) -> None:
+        """Cancel the tries still in flight (hedged losers too), then close the channels."""
+        tries = list(self._tries)
+        for fut in tries:
+            fut.cancel()
+        if tries:
+            await asyncio.gather(*tries, return_exceptions=True)
         for u in self.upstreams:
             await u.close()
 

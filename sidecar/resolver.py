@@ -63,6 +63,14 @@ class Resolver:
             self.cache.stale_served += 1
         return entry, stale
 
+    async def close(self) -> None:
+        """Cancel every fetch in flight (after the listeners drained) and wait for them."""
+        tasks = list(self.coalescer.inflight.values())
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     def prefetch(self, key: bytes, entry: RawEntry) -> None:
         """Refresh ``key`` in the background (once per entry; joins a fetch in flight)."""
         self.cache.no_prefetch(key, entry)

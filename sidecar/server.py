@@ -144,6 +144,7 @@ class Sidecar:
         if self._api is not None:
             await self._api.stop()
             self._api = None
+        await self.resolver.close()
         await self.pools.close()
         self._stopped.set()
 

@@ -22,7 +22,7 @@ errlog = logging.getLogger("sidecar.resolver_errors")
 
 # c-ares status codes (pycares.errno) -> what they mean for us.
 _ENODATA, _ESERVFAIL, _ENOTFOUND, _EREFUSED, _EBADNAME = 1, 3, 4, 6, 8
-_ECONNREFUSED, _ETIMEOUT = 11, 12
+_ECONNREFUSED, _ETIMEOUT, _ECANCELLED = 11, 12, 24
 _FAILURE_KINDS = {_ESERVFAIL: "servfail", _EREFUSED: "refused", _ECONNREFUSED: "unreachable",
                   _ETIMEOUT: "timeout"}
 #: Failures that say the server itself is not usable (they count towards quarantine).
@@ -51,6 +51,7 @@ class Upstream:
         self.latency = LatencyTracker()
         self.health = Health()
         self.probes = 0
+        self.closed = False
         self._logged: dict[str, tuple[float, int]] = {}
         self._waiters: list[tuple[str, asyncio.Future]] = []
         self._idle_waiters: list[asyncio.Future] = []
@@ -89,6 +90,8 @@ class Upstream:
     def resolver(self) -> aiodns.DNSResolver:
         # Created lazily: aiodns binds the running loop at construction.
         if self._resolver is None:
+            if self.closed:
+                raise UpstreamError("closed", "the sidecar is stopping", self.address)
             self._resolver = make_resolver(self.address, self.timeout)
         return self._resolver
 
@@ -113,6 +116,9 @@ class Upstream:
             if code == _ENODATA:
                 self._ok("nodata", elapsed)
                 return Answer(NOERROR)
+            if code == _ECANCELLED:
+                # The channel was closed under us (shutdown): not the server's fault.
+                raise UpstreamError("closed", "query cancelled", self.address) from None
             if code == _EBADNAME:
                 # Our name, not the server: no health penalty.
                 self.outcomes["error"] += 1
@@ -189,6 +195,7 @@ class Upstream:
             self._quarantined(failure)
 
     async def close(self) -> None:
+        self.closed = True
         if self._resolver is not None:
             resolver, self._resolver = self._resolver, None
             try:

@@ -73,7 +73,7 @@ def question_end(data: bytes, offset: int = 12) -> int:
             raise WireError("bad label length or compression in question")
         pos += length + 1
         total += length + 1
-        if total > 255:
+        if total > 254:  # + the root byte: at most 255 octets (RFC 1035)
             raise WireError("name too long")
 
 

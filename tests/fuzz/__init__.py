@@ -1,0 +1,1 @@
+"""Fuzzing harnesses (run as modules, e.g. ``python -m tests.fuzz.fuzz_sidecar``)."""
