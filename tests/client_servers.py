@@ -31,6 +31,7 @@ __all__ = [
     "blackhole_port",
     "closed_port",
     "make_cert",
+    "serving_http",
     "start_http",
     "start_raw",
 ]
@@ -130,6 +131,17 @@ async def start_http(host: str = "127.0.0.1", ssl_context: ssl.SSLContext | None
 
 
 # --------------------------------------------------------------------------- raw TCP
+
+
+
+@contextlib.asynccontextmanager
+async def serving_http(host: str):
+    """:func:`start_http` on ``host``, stopped on exit (the client tests' ``web`` fixtures)."""
+    server = await start_http(host)
+    try:
+        yield server
+    finally:
+        await server.stop()
 
 
 @dataclass

@@ -15,7 +15,9 @@ import dns.rdatatype
 import pytest
 
 from sidecar import Config, HostPort, Sidecar
+from tests.client_servers import ClientTarget, client_target
 from tests.fakeupstream import FakeUpstream
+from tests.helpers import fake_upstream, running
 
 HAVE_API = importlib.util.find_spec("sidecar.api") is not None
 
@@ -68,12 +70,8 @@ def base_config(upstream: FakeUpstream, **overrides) -> Config:
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[FakeUpstream]:
-    up = FakeUpstream()
-    await up.start()
-    try:
+    async with fake_upstream() as up:
         yield up
-    finally:
-        await up.stop()
 
 
 @pytest.fixture
@@ -138,3 +136,39 @@ def raw_udp():
     yield make
     for s in socks:
         s.close()
+
+
+# ------------------------------------------------------------------ shared by several modules
+# Moved here from the test modules that each defined them (helpers in tests/helpers.py).
+
+
+@pytest.fixture
+async def second_upstream() -> AsyncIterator[FakeUpstream]:
+    """Another fake upstream, independent of ``upstream`` (test_faults, test_pools, failover)."""
+    async with fake_upstream() as up:
+        yield up
+
+
+@pytest.fixture
+async def up() -> AsyncIterator[FakeUpstream]:
+    """A fake upstream for tests that build their own Sidecar or query it directly
+    (test_api, test_metrics, test_fakeupstream)."""
+    async with fake_upstream() as server:
+        yield server
+
+
+@pytest.fixture
+async def sc(up: FakeUpstream) -> AsyncIterator[Sidecar]:
+    """A bare started :class:`Sidecar` on ``up`` with its HTTP API (test_api, test_metrics)."""
+    async with running(up) as s:
+        yield s
+
+
+@pytest.fixture
+async def side(sidecar: RunningSidecar) -> AsyncIterator[ClientTarget]:
+    """The real sidecar with a /prewarm endpoint, as the client tests see it."""
+    target = await client_target(sidecar)
+    try:
+        yield target
+    finally:
+        await target.close()

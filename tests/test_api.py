@@ -14,8 +14,6 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -28,7 +26,7 @@ from jsonschema import Draft202012Validator
 from openapi_schema_validator import OAS31Validator
 
 import sidecar.api as api_mod
-from sidecar import Config, HostPort, Sidecar, StartupError
+from sidecar import HostPort, Sidecar, StartupError
 from sidecar.api import (
     ApiServer,
     cache_key,
@@ -42,6 +40,7 @@ from sidecar.api import (
 from sidecar.openapi import openapi_document
 from sidecar.wire import make_key
 from tests.fakeupstream import FakeUpstream
+from tests.helpers import dns_query, make_config, running
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -52,38 +51,6 @@ LINUX = sys.platform.startswith("linux") and os.path.exists("/proc/net/udp")
 # ------------------------------------------------------------------ fixtures and helpers
 
 
-def make_config(up: FakeUpstream, **overrides: Any) -> Config:
-    cfg = Config(listen=(HostPort("127.0.0.1", 0),), http=HostPort("127.0.0.1", 0),
-                 upstreams=(HostPort("127.0.0.1", up.port),), timeout=0.2, tries=1)
-    return replace(cfg, **overrides)
-
-
-@asynccontextmanager
-async def running(up: FakeUpstream, **overrides: Any) -> AsyncIterator[Sidecar]:
-    sc = Sidecar(make_config(up, **overrides))
-    await sc.start()
-    try:
-        yield sc
-    finally:
-        await sc.stop(drain=0.5)
-
-
-@pytest.fixture
-async def up() -> AsyncIterator[FakeUpstream]:
-    server = FakeUpstream(port=0)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-@pytest.fixture
-async def sc(up: FakeUpstream) -> AsyncIterator[Sidecar]:
-    async with running(up) as s:
-        yield s
-
-
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
@@ -92,15 +59,6 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 def url(sc: Sidecar, path: str) -> str:
     return f"http://{sc.http_address}{path}"
-
-
-async def dns_query(sc: Sidecar, name: str, rdtype: str = "A", *,
-                    tcp: bool = False) -> dns.message.Message:
-    q = dns.message.make_query(name, dns.rdatatype.from_text(rdtype))
-    port = sc.dns_addresses[0].port
-    if tcp:
-        return await dns.asyncquery.tcp(q, "127.0.0.1", port=port, timeout=3)
-    return await dns.asyncquery.udp(q, "127.0.0.1", port=port, timeout=3)
 
 
 async def call(http: aiohttp.ClientSession, method: str, target: str,

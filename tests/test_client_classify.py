@@ -21,9 +21,9 @@ from client import (
 )
 from tests.client_servers import (
     blackhole_port,
-    client_target,
     closed_port,
     make_cert,
+    serving_http,
     start_http,
     start_raw,
 )
@@ -32,22 +32,9 @@ C = FailureClass
 
 
 @pytest.fixture
-async def side(sidecar):
-    """The real sidecar (conftest) with a /prewarm endpoint."""
-    target = await client_target(sidecar)
-    try:
-        yield target
-    finally:
-        await target.close()
-
-
-@pytest.fixture
 async def web():
-    server = await start_http("127.0.0.61")  # crawl60.example.test
-    try:
+    async with serving_http("127.0.0.61") as server:  # crawl60.example.test
         yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture

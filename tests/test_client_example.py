@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.client_servers import client_target, closed_port, start_http
+from tests.client_servers import closed_port, serving_http
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "crawl.py"
 
@@ -23,21 +23,9 @@ def load_example():
 
 
 @pytest.fixture
-async def side(sidecar):
-    target = await client_target(sidecar)
-    try:
-        yield target
-    finally:
-        await target.close()
-
-
-@pytest.fixture
 async def web():
-    server = await start_http("127.0.0.91")  # crawl90.example.test
-    try:
+    async with serving_http("127.0.0.91") as server:  # crawl90.example.test
         yield server
-    finally:
-        await server.stop()
 
 
 async def test_crawl_summary(side, web):

@@ -20,38 +20,20 @@ from client import (
     sidecar_resolver,
     trace_config,
 )
-from tests.client_servers import client_target, start_http
+from tests.client_servers import serving_http
 from tests.fakeupstream import FakeUpstream
 
 
 @pytest.fixture
-async def side(sidecar):
-    """The real sidecar (conftest) with a /prewarm endpoint."""
-    target = await client_target(sidecar)
-    try:
-        yield target
-    finally:
-        await target.close()
-
-
-@pytest.fixture
-async def backup():
+def backup(second_upstream):
     """A second nameserver (the "pinned public resolver" of the chain), on loopback."""
-    up = FakeUpstream()
-    await up.start()
-    try:
-        yield up
-    finally:
-        await up.stop()
+    return second_upstream
 
 
 @pytest.fixture
 async def web():
-    server = await start_http("127.0.0.41")
-    try:
+    async with serving_http("127.0.0.41") as server:
         yield server
-    finally:
-        await server.stop()
 
 
 def chain(side, backup, **kw) -> FailoverResolver:

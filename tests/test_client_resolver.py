@@ -26,8 +26,7 @@ from tests.client_servers import (
     BODY,
     PrewarmStandIn,
     SplitRcodeDNS,
-    client_target,
-    start_http,
+    serving_http,
 )
 
 
@@ -37,22 +36,9 @@ def crawl_name(ip: str) -> str:
 
 
 @pytest.fixture
-async def side(sidecar):
-    """The real sidecar (conftest) with a /prewarm endpoint."""
-    target = await client_target(sidecar)
-    try:
-        yield target
-    finally:
-        await target.close()
-
-
-@pytest.fixture
 async def web():
-    server = await start_http("127.0.0.21")
-    try:
+    async with serving_http("127.0.0.21") as server:
         yield server
-    finally:
-        await server.stop()
 
 
 # --------------------------------------------------------------------------- resolver

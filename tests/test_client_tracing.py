@@ -18,26 +18,13 @@ from client import (
     sidecar_resolver,
     trace_config,
 )
-from tests.client_servers import BODY, client_target, make_cert, start_http
-
-
-@pytest.fixture
-async def side(sidecar):
-    """The real sidecar (conftest) with a /prewarm endpoint."""
-    target = await client_target(sidecar)
-    try:
-        yield target
-    finally:
-        await target.close()
+from tests.client_servers import BODY, make_cert, serving_http, start_http
 
 
 @pytest.fixture
 async def web():
-    server = await start_http("127.0.0.81")  # crawl80.example.test
-    try:
+    async with serving_http("127.0.0.81") as server:  # crawl80.example.test
         yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture

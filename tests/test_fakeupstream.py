@@ -27,16 +27,6 @@ LOOPBACK = "127.0.0.1"
 TIMEOUT = 2.0
 
 
-@pytest.fixture
-async def up():
-    server = FakeUpstream()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
 def _query(name: str, rdtype: str = "A", **kw) -> dns.message.Message:
     return dns.message.make_query(name, rdtype, **kw)
 

@@ -20,32 +20,11 @@ from pathlib import Path
 import aiohttp
 import dns.rcode
 import dns.rdatatype
-import pytest
 
-from sidecar import HostPort
-from tests.fakeupstream import FakeUpstream
+from tests.helpers import hp, upstream_obj
 
 WAIT = 15.0  # bound on a state change the prober makes (probe back-off starts at 1 s)
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-async def second_upstream():
-    up = FakeUpstream()
-    await up.start()
-    try:
-        yield up
-    finally:
-        await up.stop()
-
-
-def hp(up: FakeUpstream) -> HostPort:
-    return HostPort("127.0.0.1", up.port)
-
-
-def upstream_obj(sc, up: FakeUpstream):
-    (u,) = [u for p in sc.sc.pools.pools for u in p.upstreams if u.addr.port == up.port]
-    return u
 
 
 def a_records(msg) -> list[str]:

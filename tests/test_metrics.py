@@ -7,9 +7,6 @@ import asyncio
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,56 +20,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import sidecar
-from sidecar import Config, HostPort, Sidecar, kernel
+from sidecar import Sidecar, kernel
 from sidecar.latency import BUCKETS
 from sidecar.metrics import CONTENT_TYPE_LATEST, histogram_buckets
 from tests.fakeupstream import FakeUpstream
+from tests.helpers import dns_query, running
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 LINUX = sys.platform.startswith("linux") and os.path.exists("/proc/net/udp")
 linux_only = pytest.mark.skipif(not LINUX, reason="the kernel counters are Linux's /proc/net")
-
-
-def make_config(up: FakeUpstream, **overrides: Any) -> Config:
-    cfg = Config(listen=(HostPort("127.0.0.1", 0),), http=HostPort("127.0.0.1", 0),
-                 upstreams=(HostPort("127.0.0.1", up.port),), timeout=0.2, tries=1)
-    return replace(cfg, **overrides)
-
-
-@asynccontextmanager
-async def running(up: FakeUpstream, **overrides: Any) -> AsyncIterator[Sidecar]:
-    sc = Sidecar(make_config(up, **overrides))
-    await sc.start()
-    try:
-        yield sc
-    finally:
-        await sc.stop(drain=0.5)
-
-
-@pytest.fixture
-async def up() -> AsyncIterator[FakeUpstream]:
-    server = FakeUpstream(port=0)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-@pytest.fixture
-async def sc(up: FakeUpstream) -> AsyncIterator[Sidecar]:
-    async with running(up) as s:
-        yield s
-
-
-async def dns_query(sc: Sidecar, name: str, rdtype: str = "A", *,
-                    tcp: bool = False) -> dns.message.Message:
-    q = dns.message.make_query(name, dns.rdatatype.from_text(rdtype))
-    port = sc.dns_addresses[0].port
-    if tcp:
-        return await dns.asyncquery.tcp(q, "127.0.0.1", port=port, timeout=3)
-    return await dns.asyncquery.udp(q, "127.0.0.1", port=port, timeout=3)
 
 
 async def scrape(sc: Sidecar) -> tuple[str, list[Any]]:

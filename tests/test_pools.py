@@ -6,32 +6,12 @@ import asyncio
 import time
 
 import dns.rcode
-import pytest
 
 from sidecar import HostPort
 from tests.conftest import expire_all
-from tests.fakeupstream import FakeUpstream
+from tests.helpers import hp, upstream_obj
 
 WAIT = 15.0  # bound on waiting for a state change the prober makes
-
-
-@pytest.fixture
-async def second_upstream():
-    up = FakeUpstream()
-    await up.start()
-    try:
-        yield up
-    finally:
-        await up.stop()
-
-
-def hp(up: FakeUpstream) -> HostPort:
-    return HostPort("127.0.0.1", up.port)
-
-
-def upstream_obj(sc, up: FakeUpstream):
-    (u,) = [u for p in sc.sc.pools.pools for u in p.upstreams if u.addr.port == up.port]
-    return u
 
 
 async def test_blackholed_server_is_quarantined_and_then_skipped(make_sidecar, upstream,

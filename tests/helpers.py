@@ -1,0 +1,66 @@
+"""Plain helpers shared by several test modules (the fixtures built on them are in conftest.py)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import Any
+
+import dns.asyncquery
+import dns.message
+import dns.rdatatype
+
+from sidecar import Config, HostPort, Sidecar
+from tests.fakeupstream import FakeUpstream
+
+# ------------------------------------------------------------------ fake upstreams
+
+
+@asynccontextmanager
+async def fake_upstream() -> AsyncIterator[FakeUpstream]:
+    """A started :class:`FakeUpstream` on loopback (port picked by the OS), stopped on exit."""
+    server = FakeUpstream()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+def hp(up: FakeUpstream) -> HostPort:
+    return HostPort("127.0.0.1", up.port)
+
+
+def upstream_obj(sc, up: FakeUpstream):
+    """The sidecar's upstream object (in any pool) that talks to ``up``."""
+    (u,) = [u for p in sc.sc.pools.pools for u in p.upstreams if u.addr.port == up.port]
+    return u
+
+
+# ------------------------------------------------------------------ bare Sidecar (API tests)
+
+
+def make_config(up: FakeUpstream, **overrides: Any) -> Config:
+    cfg = Config(listen=(HostPort("127.0.0.1", 0),), http=HostPort("127.0.0.1", 0),
+                 upstreams=(HostPort("127.0.0.1", up.port),), timeout=0.2, tries=1)
+    return replace(cfg, **overrides)
+
+
+@asynccontextmanager
+async def running(up: FakeUpstream, **overrides: Any) -> AsyncIterator[Sidecar]:
+    sc = Sidecar(make_config(up, **overrides))
+    await sc.start()
+    try:
+        yield sc
+    finally:
+        await sc.stop(drain=0.5)
+
+
+async def dns_query(sc: Sidecar, name: str, rdtype: str = "A", *,
+                    tcp: bool = False) -> dns.message.Message:
+    q = dns.message.make_query(name, dns.rdatatype.from_text(rdtype))
+    port = sc.dns_addresses[0].port
+    if tcp:
+        return await dns.asyncquery.tcp(q, "127.0.0.1", port=port, timeout=3)
+    return await dns.asyncquery.udp(q, "127.0.0.1", port=port, timeout=3)
