@@ -1,0 +1,288 @@
+"""Benchmark 5: the crawler burst (the field report's scenario).
+
+500 distinct cold hostnames are fetched at once with aiohttp from local HTTP servers, while the
+upstream DNS server adds 50 ms to every query. Everything runs inside a network namespace this
+script creates (`ip netns add`), which has its own loopback: the upstream listens there on
+127.0.0.1:53 and /etc/netns/NAME/resolv.conf says `nameserver 127.0.0.1`, so getaddrinfo() in
+scenario A reaches it while the machine's own resolver configuration is never read or touched.
+
+    upstream   nsd (authoritative, bench.test) <- delay_proxy.py on 127.0.0.1:53 (+50 ms/query)
+    HTTP       aiohttp.web on 127.0.0.10-17:8080 (c<i>.crawl.bench.test -> one of them)
+    A          aiohttp ThreadedResolver: getaddrinfo in the default thread pool (glibc stub,
+               resolv.conf -> 127.0.0.1:53)
+    B cold     client.sidecar_connector() -> dns-sidecar (uvloop) -> 127.0.0.1:53, new names
+    B warm     the same names again through a new connector (sidecar cache warm; client empty)
+    B prewarm  new names: `await connector.resolver.prewarm(hosts)` (one POST /prewarm), then crawl
+    C floor    literal IP URLs, no DNS at all
+
+Per scenario and round: median / p90 / p99 / max time-to-first-byte (request start to response
+headers), total wall time of the burst, errors by class, and the namespace's kernel UDP drops
+(/proc/net/snmp Udp: RcvbufErrors, InErrors) before/after. The crawler is pinned to CPU 0; the
+sidecar, the HTTP servers, the proxy and nsd to CPU 1. The crawler uses the plain asyncio loop.
+
+    python -m bench.crawler_burst [--rounds 3] [--hosts 500] [--delay-ms 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import common, peers, zone
+
+HTTP_PORT = 8080
+SIDECAR_PORT = 5353
+SIDECAR_HTTP = 8053
+UPSTREAM_PORT = 53
+SCENARIOS = ["A-threaded", "B-cold", "B-warm", "B-prewarm", "C-floor"]
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP servers (a child process inside the namespace)
+
+
+def serve_http(ips: list[str], port: int) -> None:
+    from aiohttp import web
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        for ip in ips:
+            await web.TCPSite(runner, ip, port, backlog=4096).start()
+        await asyncio.Event().wait()
+
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------------------------
+# the crawl
+
+
+async def crawl(urls: list[str], connector, timeout_s: float = 30.0) -> dict:
+    import aiohttp
+
+    ttfb: list[float] = []
+    errors: collections.Counter[str] = collections.Counter()
+
+    async def one(session: aiohttp.ClientSession, url: str) -> None:
+        t0 = time.perf_counter()
+        try:
+            async with session.get(url) as resp:
+                ttfb.append(time.perf_counter() - t0)
+                await resp.read()
+                if resp.status != 200:
+                    errors[f"http_{resp.status}"] += 1
+        except Exception as e:  # noqa: BLE001 - every failure is counted by class
+            errors[type(e).__name__] += 1
+
+    t0 = time.perf_counter()
+    async with aiohttp.ClientSession(connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+        await asyncio.gather(*(one(session, u) for u in urls))
+        wall = time.perf_counter() - t0
+    return {
+        "requests": len(urls),
+        "ok": len(ttfb),
+        "errors": sum(errors.values()),
+        "error_classes": dict(errors),
+        "wall_s": wall,
+        "ttfb_p50_ms": common.pct(ttfb, 50) * 1e3 if ttfb else None,
+        "ttfb_p90_ms": common.pct(ttfb, 90) * 1e3 if ttfb else None,
+        "ttfb_p99_ms": common.pct(ttfb, 99) * 1e3 if ttfb else None,
+        "ttfb_max_ms": max(ttfb) * 1e3 if ttfb else None,
+        "_ttfb": ttfb,
+    }
+
+
+async def scenario(kind: str, hosts: list[str], limit: int) -> dict:
+    import aiohttp
+    from aiohttp.resolver import ThreadedResolver
+
+    extra: dict = {}
+    if kind == "C-floor":
+        urls = [f"http://{zone.crawl_ip(int(h.split('.')[0][1:]))}:{HTTP_PORT}/{h}" for h in hosts]
+    else:
+        urls = [f"http://{h}:{HTTP_PORT}/" for h in hosts]
+    if kind == "A-threaded":
+        conn = aiohttp.TCPConnector(resolver=ThreadedResolver(), limit=limit, use_dns_cache=True)
+    elif kind == "C-floor":
+        conn = aiohttp.TCPConnector(limit=limit)
+    else:
+        from client import sidecar_connector
+
+        conn = sidecar_connector(f"127.0.0.1:{SIDECAR_PORT}",
+                                 api_url=f"http://127.0.0.1:{SIDECAR_HTTP}", limit=limit)
+        if kind == "B-prewarm":
+            t0 = time.perf_counter()
+            res = await conn.resolver.prewarm(hosts)
+            extra["prewarm_s"] = time.perf_counter() - t0
+            extra["prewarm_result"] = str(res)[:300]
+    u0 = common.udp_counters()
+    r = await crawl(urls, conn)
+    u1 = common.udp_counters()
+    r.update(extra)
+    r["udp_rcvbuf_errors"] = u1.get("RcvbufErrors", 0) - u0.get("RcvbufErrors", 0)
+    r["udp_in_errors"] = u1.get("InErrors", 0) - u0.get("InErrors", 0)
+    return r
+
+
+def inner(a: argparse.Namespace) -> dict:
+    """Runs inside the namespace: start everything, run the scenarios in alternating rounds."""
+    if common.have_cpus() > 1:
+        os.sched_setaffinity(0, {common.LOAD_CPU})
+    cpu = common.SERVER_CPU
+    n_names = a.rounds * len(SCENARIOS) * a.hosts + a.hosts
+    nsd = peers.start_nsd(names=10, crawl=n_names, port=5300, cpu=cpu)
+    proxy = peers.start_proxy(nsd.port, delay_ms=a.delay_ms, port=UPSTREAM_PORT, cpu=cpu)
+    http = common.spawn([common.python_exe(), "-m", "bench.crawler_burst", "--serve-http"],
+                        cpu=cpu, cwd=str(common.REPO_DIR))
+    sidecar = None
+    out: dict = {"config": {k: v for k, v in vars(a).items() if k not in ("inner", "serve_http")},
+                 "scenarios": {s: [] for s in SCENARIOS}, "samples": {}}
+    try:
+        import socket
+
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            try:
+                socket.create_connection((zone.CRAWL_IPS[-1], HTTP_PORT), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        have_sidecar = peers.sidecar_available()
+        if have_sidecar:
+            sidecar = peers.start_sidecar(UPSTREAM_PORT, uvloop=True, port=SIDECAR_PORT, http=True,
+                                          cpu=cpu, name="sidecar-uvloop", http_port=SIDECAR_HTTP)
+        else:
+            out["missing"] = "dns-sidecar not installed: B scenarios skipped"
+        next_name = 0
+
+        def take(n: int) -> list[str]:
+            nonlocal next_name
+            names = zone.crawl_names(n, next_name)
+            next_name += n
+            return names
+
+        for rnd in range(a.rounds):
+            cold_b: list[str] = []
+            for s in SCENARIOS:
+                if s.startswith("B") and sidecar is None:
+                    continue
+                hosts = cold_b if s == "B-warm" else take(a.hosts)
+                if s == "B-cold":
+                    cold_b = hosts
+                r = asyncio.run(scenario(s, hosts, a.limit))
+                ttfb = r.pop("_ttfb")
+                r["round"] = rnd
+                out["scenarios"][s].append(r)
+                if rnd == 0:
+                    out["samples"][s] = [round(x * 1e3, 2) for x in sorted(ttfb)]
+                common.log(f"crawler_burst round {rnd} {s}: p50 {r['ttfb_p50_ms'] or 0:.1f} ms, "
+                           f"p99 {r['ttfb_p99_ms'] or 0:.1f} ms, wall {r['wall_s']:.2f} s, "
+                           f"errors {r['errors']} {r['error_classes']}, drops {r['udp_rcvbuf_errors']}")
+                time.sleep(0.2)
+        out["upstream_queries"] = peers.proxy_counts(proxy)["total"]
+        if sidecar is not None:
+            with contextlib.suppress(Exception):
+                out["sidecar_stats"] = sidecar.http_json("/stats")
+    finally:
+        if sidecar is not None:
+            sidecar.stop()
+        common.stop(http)
+        proxy.stop()
+        nsd.stop()
+    return out
+
+
+def run(rounds: int = 3, hosts: int = 500, delay_ms: float = 50.0, limit: int = 500) -> dict:
+    """Create the namespace, run `inner` in it, delete it."""
+    ns = f"dnsbench{os.getpid()}"
+    etc = Path(f"/etc/netns/{ns}")
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return {"missing": "needs root and iproute2 (ip netns)"}
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+        subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
+        argv = ["ip", "netns", "exec", ns, common.python_exe(), "-m", "bench.crawler_burst",
+                "--inner", "--rounds", str(rounds), "--hosts", str(hosts),
+                "--delay-ms", str(delay_ms), "--limit", str(limit)]
+        env = dict(os.environ, BENCH_BASE_PORT=str(peers.BASE_PORT))
+        p = subprocess.run(argv, cwd=str(common.REPO_DIR), env=env, stdout=subprocess.PIPE,
+                           text=True, timeout=600 + rounds * 120)
+        if p.returncode != 0:
+            return {"missing": f"inner run failed with exit code {p.returncode}"}
+        res = json.loads(p.stdout.strip().splitlines()[-1])
+        res["namespace"] = {"name": ns, "resolv.conf": "nameserver 127.0.0.1"}
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+        shutil.rmtree(etc, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            Path("/etc/netns").rmdir()  # only when empty
+    res["summary"] = summarize(res.get("scenarios", {}))
+    return res
+
+
+def summarize(sc: dict) -> dict:
+    s = {}
+    for name, runs in sc.items():
+        if not runs:
+            continue
+        s[name] = {k: common.summarize([r[k] for r in runs if r.get(k) is not None])
+                   for k in ("ttfb_p50_ms", "ttfb_p99_ms", "ttfb_max_ms", "wall_s", "errors",
+                             "udp_rcvbuf_errors", "prewarm_s")}
+    for name, runs in sc.items():
+        if not runs or name not in s:
+            continue
+        for ref, key in (("A-threaded", "p99_vs_A"), ("C-floor", "p99_vs_floor")):
+            ratios = []
+            for r in runs:
+                x = next((y for y in sc.get(ref, []) if y["round"] == r["round"]), None)
+                if x and x.get("ttfb_p99_ms") and r.get("ttfb_p99_ms"):
+                    ratios.append(r["ttfb_p99_ms"] / x["ttfb_p99_ms"])
+            s[name][key] = common.summarize(ratios)
+    return s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--hosts", type=int, default=500)
+    ap.add_argument("--delay-ms", type=float, default=50.0)
+    ap.add_argument("--limit", type=int, default=500, help="TCPConnector limit, same for A, B and C")
+    ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--serve-http", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.serve_http:
+        serve_http(zone.CRAWL_IPS, HTTP_PORT)
+        return
+    common.install_signal_handlers()
+    if a.inner:
+        res = inner(a)
+        sys.stdout.write(json.dumps(res, default=str) + "\n")
+        return
+    res = run(a.rounds, a.hosts, a.delay_ms, a.limit)
+    print(common.save_json("crawler_burst", res))
+
+
+if __name__ == "__main__":
+    main()
