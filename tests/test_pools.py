@@ -6,12 +6,20 @@ import asyncio
 import time
 
 import dns.rcode
+import pytest
 
+import sidecar.pool
 from sidecar import HostPort
 from tests.conftest import expire_all
 from tests.helpers import hp, upstream_obj
 
 WAIT = 15.0  # bound on waiting for a state change the prober makes
+
+
+@pytest.fixture(autouse=True)
+def no_exploration(monkeypatch):
+    """Tests here depend on the server order; the 5% random exploration would reorder it."""
+    monkeypatch.setattr(sidecar.pool, "EXPLORE_SHARE", 0.0)
 
 
 async def test_blackholed_server_is_quarantined_and_then_skipped(make_sidecar, upstream,
