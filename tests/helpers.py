@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -64,3 +65,21 @@ async def dns_query(sc: Sidecar, name: str, rdtype: str = "A", *,
     if tcp:
         return await dns.asyncquery.tcp(q, "127.0.0.1", port=port, timeout=3)
     return await dns.asyncquery.udp(q, "127.0.0.1", port=port, timeout=3)
+
+
+def free_port() -> int:
+    """A port free for both UDP and TCP right now."""
+    for _ in range(50):
+        t = socket.socket()
+        t.bind(("127.0.0.1", 0))
+        port = t.getsockname()[1]
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            u.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            u.close()
+            t.close()
+        return port
+    raise RuntimeError("no free port")

@@ -14,24 +14,7 @@ import dns.rcode
 import pytest
 
 from tests.fakeupstream import FakeUpstream
-
-
-def free_port() -> int:
-    """A port free for both UDP and TCP right now."""
-    for _ in range(50):
-        t = socket.socket()
-        t.bind(("127.0.0.1", 0))
-        port = t.getsockname()[1]
-        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            u.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            u.close()
-            t.close()
-        return port
-    raise RuntimeError("no free port")
+from tests.helpers import free_port
 
 
 def sidecar_cmd(*args: str) -> list[str]:

@@ -52,6 +52,8 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 
+from tests.helpers import free_port
+
 HOST = "127.0.0.1"
 KNOWN = ["www.example.test", "mail.example.test", "many.example.test", "big.example.test",
          "alias2.example.test", "example.test", "nope.example.test", "v4only.example.test",
@@ -455,24 +457,6 @@ async def final_check(port: int, rng: random.Random) -> list[str]:
             else:
                 problems.append(f"{what} not answered correctly: {last}")
     return problems
-
-
-def free_port() -> int:
-    """A port free for both UDP and TCP right now."""
-    for _ in range(50):
-        t = socket.socket()
-        t.bind((HOST, 0))
-        port = t.getsockname()[1]
-        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            u.bind((HOST, port))
-        except OSError:
-            continue
-        finally:
-            u.close()
-            t.close()
-        return port
-    raise RuntimeError("no free port")
 
 
 def answers(port: int, timeout: float = 0.3) -> bool:
