@@ -27,6 +27,11 @@ NAMES = {
     "bare-asyncio": "bare Python responder (asyncio)",
     "direct": "nsd directly (no cache)",
 }
+SHORT = {
+    "sidecar-uvloop": "sidecar\nuvloop", "sidecar-asyncio": "sidecar\nasyncio",
+    "dnsmasq": "dnsmasq", "unbound": "Unbound\n1 thread", "bare-uvloop": "bare Python\nuvloop",
+    "bare-asyncio": "bare Python\nasyncio",
+}
 COLORS = {
     "sidecar-uvloop": "#1f77b4", "sidecar-asyncio": "#8fbbd9", "dnsmasq": "#2ca02c",
     "unbound": "#d62728", "bare-uvloop": "#7f7f7f", "bare-asyncio": "#c7c7c7",
@@ -101,8 +106,7 @@ def plot_throughput(res: dict, path: Path) -> None:
         hi = [(s[n][key]["max"] or m) - m for n, m in zip(names, med, strict=True)]
         ax.bar(range(len(names)), med, yerr=[lo, hi], capsize=4,
                color=[COLORS.get(n, "#999") for n in names])
-        ax.set_xticks(range(len(names)), [NAMES.get(n, n).replace(" (", "\n(") for n in names],
-                      fontsize=7)
+        ax.set_xticks(range(len(names)), [SHORT.get(n, n) for n in names], fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("UDP cache hits, dnsperf on CPU 0, server on CPU 1 (median, bars = min–max of rounds)",
