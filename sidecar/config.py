@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import ConfigError
 
@@ -166,7 +166,6 @@ class Config:
     resolv_conf: str | None = None  # where upstreams were read from (re-read on SIGHUP)
     log_level: str = "info"
     log_format: str = "text"
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first inconsistent setting."""

@@ -131,6 +131,9 @@ class QueryHandler:
                                 reply = b"".join((data[:2], _B2[rd], e[0], data[12:qend], body))
                             if tcp or len(reply) <= udp_size:
                                 return reply
+                            self.truncated += 1  # too big for the client's UDP size: TC=1
+                            return b"".join((data[:2], _B2_TC[rd], e[0][:1], _TC_TAIL[edns],
+                                             data[12:qend], OPT_RR if edns else b""))
         return self._handle_full(data, host, tcp)
 
     def _handle_full(self, data: bytes, host: str, tcp: bool) -> Reply:
