@@ -107,13 +107,7 @@ def main() -> None:
     ap.add_argument("--delay-ms", type=float, default=100.0)
     ap.add_argument("--peers", default=",".join(peers.CACHES))
     a = ap.parse_args()
-    common.install_signal_handlers()
-    nsd = peers.start_nsd()
-    try:
-        res = run(nsd, a.peers.split(","), a.rounds, a.concurrency, a.delay_ms)
-    finally:
-        nsd.stop()
-    print(common.save_json("coalescing", res))
+    peers.run_against_nsd("coalescing", run, a.peers.split(","), a.rounds, a.concurrency, a.delay_ms)
 
 
 if __name__ == "__main__":

@@ -333,6 +333,22 @@ def summarize(values: list[float]) -> dict:
     return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
 
 
+def ratios_to(per_peer: dict, key: str, ref: str = "dnsmasq") -> dict[str, dict]:
+    """Per peer, the summary of ``run[key] / ref_run[key]`` taken within each round (same
+    round = same background load); empty when ``ref`` did not run."""
+    if ref not in per_peer:
+        return {}
+    out = {}
+    for n, runs in per_peer.items():
+        ratios = []
+        for r in runs:
+            base = next((x for x in per_peer[ref] if x["round"] == r["round"]), None)
+            if base and base.get(key) and r.get(key):
+                ratios.append(r[key] / base[key])
+        out[n] = summarize(ratios)
+    return out
+
+
 def save_json(name: str, data: dict) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"

@@ -57,14 +57,8 @@ def summarize(per_peer: dict) -> dict:
         s[n] = {k: common.summarize([r[k] for r in runs if r.get(k) is not None])
                 for k in ("p50_us", "p90_us", "p99_us", "p99.9_us", "max_us")}
         s[n]["lost"] = sum(r["lost"] for r in runs)
-    if "dnsmasq" in per_peer:
-        for n, runs in per_peer.items():
-            ratios = []
-            for r in runs:
-                ref = next((x for x in per_peer["dnsmasq"] if x["round"] == r["round"]), None)
-                if ref and ref.get("p50_us") and r.get("p50_us"):
-                    ratios.append(r["p50_us"] / ref["p50_us"])
-            s[n]["p50_vs_dnsmasq"] = common.summarize(ratios)
+    for n, summary in common.ratios_to(per_peer, "p50_us").items():
+        s[n]["p50_vs_dnsmasq"] = summary
     return s
 
 
@@ -75,13 +69,7 @@ def main() -> None:
     ap.add_argument("--rate", type=int, default=5000)
     ap.add_argument("--peers", default=",".join(peers.CACHES + peers.BASELINES))
     a = ap.parse_args()
-    common.install_signal_handlers()
-    nsd = peers.start_nsd()
-    try:
-        res = run(nsd, a.peers.split(","), a.rounds, a.seconds, a.rate)
-    finally:
-        nsd.stop()
-    print(common.save_json("hit_latency", res))
+    peers.run_against_nsd("hit_latency", run, a.peers.split(","), a.rounds, a.seconds, a.rate)
 
 
 if __name__ == "__main__":

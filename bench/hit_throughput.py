@@ -94,17 +94,10 @@ def summarize(per_peer: dict) -> dict:
             "lost": sum(r["lost"] for r in runs),
         }
     # ratios to dnsmasq computed per round (same round = same background), then the median
-    if "dnsmasq" in per_peer:
-        for n, runs in per_peer.items():
-            qr, cr = [], []
-            for r in runs:
-                ref = next((x for x in per_peer["dnsmasq"] if x["round"] == r["round"]), None)
-                if ref and ref["qps"]:
-                    qr.append(r["qps"] / ref["qps"])
-                if ref and ref["server_cpu_us_per_query"] and r["server_cpu_us_per_query"]:
-                    cr.append(r["server_cpu_us_per_query"] / ref["server_cpu_us_per_query"])
-            s[n]["qps_vs_dnsmasq"] = common.summarize(qr)
-            s[n]["cpu_vs_dnsmasq"] = common.summarize(cr)
+    for n, summary in common.ratios_to(per_peer, "qps").items():
+        s[n]["qps_vs_dnsmasq"] = summary
+    for n, summary in common.ratios_to(per_peer, "server_cpu_us_per_query").items():
+        s[n]["cpu_vs_dnsmasq"] = summary
     return s
 
 
@@ -114,13 +107,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--peers", default=",".join(peers.CACHES + peers.BASELINES))
     a = ap.parse_args()
-    common.install_signal_handlers()
-    nsd = peers.start_nsd()
-    try:
-        res = run(nsd, a.peers.split(","), a.rounds, a.seconds)
-    finally:
-        nsd.stop()
-    print(common.save_json("hit_throughput", res))
+    peers.run_against_nsd("hit_throughput", run, a.peers.split(","), a.rounds, a.seconds)
 
 
 if __name__ == "__main__":

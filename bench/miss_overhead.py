@@ -83,13 +83,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--peers", default=",".join(peers.CACHES))
     a = ap.parse_args()
-    common.install_signal_handlers()
-    nsd = peers.start_nsd()
-    try:
-        res = run(nsd, a.peers.split(","), a.rounds, a.queries)
-    finally:
-        nsd.stop()
-    print(common.save_json("miss_overhead", res))
+    peers.run_against_nsd("miss_overhead", run, a.peers.split(","), a.rounds, a.queries)
 
 
 if __name__ == "__main__":

@@ -345,3 +345,15 @@ def _dnsperf_version() -> str:
         if line.startswith("Version"):
             return "dnsperf " + line.split()[-1]
     return "dnsperf ?"
+
+
+def run_against_nsd(name: str, run, *args) -> None:
+    """Command-line body shared by the single benchmarks: start nsd, ``run(nsd, *args)``,
+    stop nsd even on errors, save the result as bench/results/NAME.json and print its path."""
+    common.install_signal_handlers()
+    nsd = start_nsd()
+    try:
+        res = run(nsd, *args)
+    finally:
+        nsd.stop()
+    print(common.save_json(name, res))
