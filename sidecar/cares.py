@@ -61,7 +61,10 @@ def make_resolver(server: str, timeout: float, tries: int = 3,
         "timeout": timeout,
         "tries": tries,
         # No search list, no /etc/hosts: we forward exactly the name we were asked.
-        "flags": pycares.ARES_FLAG_NOSEARCH | pycares.ARES_FLAG_NOCHECKRESP,
+        "flags": (pycares.ARES_FLAG_NOSEARCH | pycares.ARES_FLAG_NOCHECKRESP
+                  # Keep the UDP socket between queries: without it c-ares opens, connects
+                  # and closes a socket for every query that finds none in flight.
+                  | pycares.ARES_FLAG_STAYOPEN),
         "ndots": 0,
         "lookups": "b",
     }

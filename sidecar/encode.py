@@ -1,36 +1,22 @@
-"""Turn an upstream answer (pycares records) into a cache :class:`~sidecar.cache.Entry`.
+"""Turn an upstream answer (wire records) into a raw cache entry.
 
-Runs once per miss, so it uses dnslib for correctness; the hit path never comes here.
+Runs once per miss. Records arrive as :class:`Rec` with their rdata already in wire form
+(``caresquery``), so an entry is a join of bytes; dnslib only encodes the rdata of the rare
+types c-ares hands over as decoded objects.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-from dnslib import (
-    AAAA,
-    CAA,
-    CNAME,
-    MX,
-    NAPTR,
-    NS,
-    PTR,
-    QTYPE,
-    RR,
-    SOA,
-    SRV,
-    TXT,
-    A,
-    DNSHeader,
-    DNSLabel,
-    DNSQuestion,
-    DNSRecord,
-)
+from dnslib import CAA, NAPTR, DNSBuffer
 
 from .cache import NEVER, RawEntry, new_entry
-from .wire import NXDOMAIN, SERVFAIL, rr_ttl_offsets
+from .wire import NXDOMAIN, SERVFAIL, encode_name
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +29,28 @@ FORWARDABLE: dict[int, str] = {
 TYPE_NUMBERS = {v: k for k, v in FORWARDABLE.items()}
 
 
+class Rec(NamedTuple):
+    """One resource record of an upstream reply; ``rdata`` is in wire form (names in it
+    uncompressed), ``name`` in presentation form."""
+
+    name: str
+    type: int
+    ttl: int
+    rdata: bytes
+
+
 @dataclass
 class Answer:
-    """An upstream's answer: rcode (NOERROR/NXDOMAIN) and pycares records per section."""
+    """An upstream's answer: rcode (NOERROR/NXDOMAIN) and its answer and authority records."""
 
     rcode: int
-    answer: list[Any] = field(default_factory=list)
-    authority: list[Any] = field(default_factory=list)
+    answer: list[Rec] = field(default_factory=list)
+    authority: list[Rec] = field(default_factory=list)
+
+
+def soa_minimum(soa: Rec) -> int:
+    """The MINIMUM field of an SOA record (the last 32 bits of its rdata)."""
+    return int.from_bytes(soa.rdata[-4:], "big")
 
 
 @dataclass(frozen=True)
@@ -63,100 +64,117 @@ class TtlPolicy:
     prefetch: bool = False
 
 
-def _txt_strings(data: bytes) -> list[bytes]:
-    # c-ares joins a record's character-strings; re-split at the 255-byte limit.
+def _txt_strings(data: bytes) -> bytes:
+    # pycares's query_dns joins a record's character-strings; re-split at the 255-byte limit.
     if not data:
-        return [b""]
-    return [data[i : i + 255] for i in range(0, len(data), 255)]
+        return b"\x00"
+    return b"".join(bytes((len(c),)) + c for c in (data[i : i + 255]
+                                                    for i in range(0, len(data), 255)))
 
 
-def to_rdata(rtype: int, data: Any) -> Any:
-    """dnslib rdata for one pycares record data object, or None for a type we cannot encode."""
+def rdata_from_pycares(rtype: int, data: Any) -> bytes | None:
+    """Wire rdata for a pycares record data object, or None for a type we cannot encode."""
     if rtype == 1:
-        return A(data.addr)
+        return socket.inet_pton(socket.AF_INET, data.addr)
     if rtype == 28:
-        return AAAA(data.addr)
+        return socket.inet_pton(socket.AF_INET6, data.addr)
     if rtype == 5:
-        return CNAME(data.cname)
-    if rtype == 15:
-        return MX(data.exchange, data.priority)
-    if rtype == 16:
-        return TXT(_txt_strings(data.data))
+        return encode_name(data.cname)
     if rtype == 2:
-        return NS(data.nsdname)
-    if rtype == 6:
-        return SOA(data.mname, data.rname,
-                   (data.serial, data.refresh, data.retry, data.expire, data.minimum))
-    if rtype == 33:
-        return SRV(data.priority, data.weight, data.port, data.target)
+        return encode_name(data.nsdname)
     if rtype == 12:
-        return PTR(data.dname)
+        return encode_name(data.dname)
+    if rtype == 15:
+        return struct.pack(">H", data.priority) + encode_name(data.exchange)
+    if rtype == 16:
+        return _txt_strings(data.data)
+    if rtype == 6:
+        return (encode_name(data.mname) + encode_name(data.rname)
+                + struct.pack(">IIIII", data.serial, data.refresh, data.retry, data.expire,
+                              data.minimum))
+    if rtype == 33:
+        return struct.pack(">HHH", data.priority, data.weight, data.port) + encode_name(
+            data.target)
+    # The rest have at most one name in their rdata, so dnslib's name compression (relative
+    # to this fresh buffer) cannot produce a pointer.
     if rtype == 257:
-        return CAA(data.critical, data.tag, data.value)
-    if rtype == 35:
-        return NAPTR(data.order, data.preference, data.flags.encode(), data.service.encode(),
-                     data.regexp.encode(), data.replacement)
-    return None
+        rd = CAA(data.critical, data.tag, data.value)
+    elif rtype == 35:
+        rd = NAPTR(data.order, data.preference, data.flags.encode(), data.service.encode(),
+                   data.regexp.encode(), data.replacement)
+    else:
+        return None
+    buf = DNSBuffer()
+    rd.pack(buf)
+    return bytes(buf.data)
 
 
-def _labels(key: bytes) -> list[bytes]:
-    labels = []
-    pos = 0
-    while key[pos]:
-        n = key[pos]
-        labels.append(key[pos + 1 : pos + 1 + n])
-        pos += n + 1
-    return labels
+def rec_from_pycares(rec: Any) -> Rec | None:
+    """A :class:`Rec` for a pycares ``DNSRecord`` (the ``query_dns`` fallback path)."""
+    rdata = rdata_from_pycares(rec.type, rec.data)
+    return None if rdata is None else Rec(rec.name, rec.type, rec.ttl, rdata)
 
 
-def negative_ttl(soa_ttl: int, soa_minimum: int, policy: TtlPolicy) -> int:
+def negative_ttl(soa_ttl: int, minimum: int, policy: TtlPolicy) -> int:
     """RFC 2308 section 5: min(SOA TTL, SOA MINIMUM), capped by ``--max-negative-ttl``."""
-    return max(0, min(soa_ttl, soa_minimum, policy.max_negative_ttl))
+    return max(0, min(soa_ttl, minimum, policy.max_negative_ttl))
 
 
-def build_entry(key: bytes, qtype: int, answer: Answer, soa: Any | None,
+_RR_FIXED = struct.Struct(">HHIH")
+_QNAME_PTR = b"\xc0\x0c"
+
+
+def build_entry(key: bytes, qtype: int, answer: Answer, soa: Rec | None,
                 policy: TtlPolicy, now: float) -> RawEntry:
     """Encode ``answer`` as a raw cache entry for ``key`` (one that is already expired when
     nothing may be cached, TTL 0: it still answers the queries waiting for it).
 
-    ``soa`` is the enclosing zone's SOA (a pycares record) for NXDOMAIN/NODATA, or None.
-    Data TTLs are clamped to [min_ttl, max_ttl]; negative answers live for the SOA's negative
-    TTL; the entry expires with its shortest TTL.
+    ``soa`` is the enclosing zone's SOA for NXDOMAIN/NODATA when it did not come in the
+    answer's authority section, else None. Data TTLs are clamped to [min_ttl, max_ttl];
+    negative answers live for the SOA's negative TTL; the entry expires with its shortest
+    TTL. Owner names equal to the question are written as a pointer to it (so the client's
+    0x20 case shows through); other names are written in full.
     """
-    qname = DNSLabel(_labels(key))
-    header = DNSHeader(qr=1, ra=1, rd=1, rcode=answer.rcode)
-    msg = DNSRecord(header, q=DNSQuestion(qname, qtype))
+    qname = key[:-4]
+    parts: list[bytes] = []
+    offsets: list[int] = []
     ttls: list[int] = []
+    pos = 0
+
+    def add(rec: Rec, ttl: int) -> None:
+        nonlocal pos
+        owner = encode_name(rec.name)
+        if owner.lower() == qname:
+            owner = _QNAME_PTR
+        fixed = _RR_FIXED.pack(rec.type, 1, ttl, len(rec.rdata))
+        parts.append(owner + fixed + rec.rdata)
+        offsets.append(pos + len(owner) + 4)
+        pos += len(owner) + 10 + len(rec.rdata)
+
     for rec in answer.answer:
-        rdata = to_rdata(rec.type, rec.data)
-        if rdata is None:
-            continue
         ttl = min(max(rec.ttl, policy.min_ttl), policy.max_ttl)
         ttls.append(ttl)
-        msg.add_answer(RR(rec.name or ".", rec.type, rdata=rdata, ttl=ttl))
-    soa_recs = [r for r in answer.authority if r.type == 6]
-    if soa is None and soa_recs:
-        soa = soa_recs[0]
-    negative = answer.rcode == NXDOMAIN or not msg.rr or (
-        qtype not in (5,) and all(r.rtype == 5 for r in msg.rr) and soa is not None)
+        add(rec, ttl)
+    an = len(parts)
+    if soa is None:
+        soa = next((r for r in answer.authority if r.type == 6), None)
+    negative = answer.rcode == NXDOMAIN or not an or (
+        qtype != 5 and soa is not None and all(r.type == 5 for r in answer.answer))
     if negative and soa is not None:
-        nttl = negative_ttl(soa.ttl, soa.data.minimum, policy)
+        nttl = negative_ttl(soa.ttl, soa_minimum(soa), policy)
         ttls.append(nttl)
-        msg.add_auth(RR(soa.name or ".", QTYPE.SOA, rdata=to_rdata(6, soa.data), ttl=nttl))
+        add(soa, nttl)
     elif negative:
         # No SOA could be learned: RFC 2308 says such answers should not be cached for long.
         ttls.append(min(policy.max_negative_ttl, policy.servfail_ttl * 6))
+    ns = len(parts) - an
     lifetime = min(ttls) if ttls else 0
-    packed = bytes(msg.pack())
-    qend = 12 + len(key)
-    an, ns, ar = len(msg.rr), len(msg.auth), len(msg.ar)
-    offsets, _ttls, end = rr_ttl_offsets(packed, qend, an + ns + ar)
-    body = packed[qend:end]
-    rel = tuple(o - qend for o in offsets)
+    body = b"".join(parts)
+    rel = tuple(offsets)
     if lifetime <= 0:
-        return new_entry(answer.rcode, an, ns, ar, body, rel, now, 0.0)
+        return new_entry(answer.rcode, an, ns, 0, body, rel, now, 0.0)
     prefetch_at = now + lifetime * 0.9 if policy.prefetch and lifetime >= 10 else NEVER
-    return new_entry(answer.rcode, an, ns, ar, body, rel, now, lifetime, prefetch_at)
+    return new_entry(answer.rcode, an, ns, 0, body, rel, now, lifetime, prefetch_at)
 
 
 def servfail_entry(now: float, policy: TtlPolicy) -> RawEntry:

@@ -77,8 +77,8 @@ class Pool:
         delay = HEDGE_MIN if ewma is None else max(HEDGE_MIN, HEDGE_FACTOR * ewma)
         return min(delay, self.timeout / 2)
 
-    async def query(self, name: str, qtype: str) -> Answer:
-        """Resolve through the pool; raise :class:`ResolveFailed` when nobody answered.
+    async def query(self, name: str, qtype: int) -> Answer:
+        """Resolve ``name``/``qtype`` (type number) through the pool; raise :class:`ResolveFailed` when nobody answered.
 
         Tries run one after another, but a try that is slow (past :meth:`hedge_delay`) gets
         the next server asked in parallel, and the first answer wins. Tries that lose the

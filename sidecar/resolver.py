@@ -12,7 +12,7 @@ import time
 
 from .cache import EXPIRES, RCODE, Cache, RawEntry
 from .coalesce import Coalescer
-from .encode import FORWARDABLE, TtlPolicy, build_entry, servfail_entry
+from .encode import TtlPolicy, build_entry, servfail_entry
 from .errors import ResolveFailed
 from .pool import PoolSet
 from .soa import SoaFinder
@@ -99,29 +99,34 @@ class Resolver:
     async def _fetch_inner(self, key: bytes) -> tuple[RawEntry, bool]:
         name = qname_text(key)
         qtype = key_type(key)
-        self.waiting += 1
-        try:
-            await asyncio.wait_for(self._slots.acquire(), self.budget)
-        except TimeoutError:
-            self.shed += 1
-            log.warning("upstream concurrency bound (%d) full for %.1fs: SERVFAIL for %s",
-                        self.max_inflight, self.budget, name)
-            return self._failure(key, "shed")
-        finally:
-            self.waiting -= 1
+        if self._slots.locked():
+            self.waiting += 1
+            try:
+                await asyncio.wait_for(self._slots.acquire(), self.budget)
+            except TimeoutError:
+                self.shed += 1
+                log.warning("upstream concurrency bound (%d) full for %.1fs: SERVFAIL for %s",
+                            self.max_inflight, self.budget, name)
+                return self._failure(key, "shed")
+            finally:
+                self.waiting -= 1
+        else:
+            # Free slot: acquire() returns without suspending, no wait_for task needed.
+            await self._slots.acquire()
         try:
             pool = self.pools.pool_for(name)
             try:
-                answer = await pool.query(name, FORWARDABLE[qtype])
+                answer = await pool.query(name, qtype)
             except ResolveFailed as exc:
                 return self._failure(key, exc.kind)
             soa = None
             cname_only = answer.answer and all(r.type == 5 for r in answer.answer) and qtype != 5
-            if answer.rcode == NXDOMAIN or not answer.answer or (
-                    cname_only and not any(r.type == 6 for r in answer.authority)):
+            negative = answer.rcode == NXDOMAIN or not answer.answer or cname_only
+            if negative and not any(r.type == 6 for r in answer.authority):
+                # No SOA came with the negative answer: learn it (soa.py), RFC 2308.
                 target = name
                 if cname_only:
-                    target = answer.answer[-1].data.cname.rstrip(".").lower()
+                    target = qname_text(answer.answer[-1].rdata).lower()
                 soa = await self.soa.find(target, include_self=answer.rcode != NXDOMAIN)
         finally:
             self._slots.release()

@@ -1,7 +1,8 @@
 """Find the SOA of the zone enclosing a name, for NXDOMAIN/NODATA answers (RFC 2308).
 
-aiodns hands back only an error code for NXDOMAIN and pure NODATA, never the authority
-section, so the SOA a negative answer must carry is learned with SOA queries of the name's
+The fallback for negative answers that arrive without an SOA in their authority section
+(an upstream that strips it, or the ``query_dns`` path when ``caresquery`` is unavailable):
+the SOA a negative answer must carry is then learned with SOA queries of the name's
 ancestors. All unknown ancestors are asked at once (one round trip), and what is learned
 (this name is a zone apex with this SOA / is not an apex) is remembered, so later negative
 answers under the same zone cost no extra upstream query.
@@ -22,7 +23,7 @@ _MAX_KNOWN = 20_000
 
 
 class SoaFinder:
-    """``find(name, include_self)`` returns the enclosing zone's SOA (a pycares record)."""
+    """``find(name, include_self)`` returns the enclosing zone's SOA (a :class:`Rec`)."""
 
     def __init__(self, pools: Any) -> None:
         self.pools = pools
@@ -76,7 +77,7 @@ class SoaFinder:
         self.lookups += 1
         pool = self.pools.pool_for(cand)
         try:
-            ans = await pool.query(cand or ".", "SOA")
+            ans = await pool.query(cand or ".", 6)
         except (ResolveFailed, UpstreamError):
             # Unknown; remember briefly so an outage or a refusing upstream does not cost an
             # extra query per negative answer.

@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 import aiodns
+import pycares
 from aiodns.error import DNSError
 
+from . import caresquery
 from .cares import make_resolver
 from .config import HostPort
-from .encode import Answer
+from .encode import FORWARDABLE, Answer, rec_from_pycares
 from .errors import UpstreamError
 from .health import Health
 from .latency import LatencyTracker
@@ -21,6 +24,7 @@ log = logging.getLogger("sidecar.upstream")
 errlog = logging.getLogger("sidecar.resolver_errors")
 
 # c-ares status codes (pycares.errno) -> what they mean for us.
+_OK = 0
 _ENODATA, _ESERVFAIL, _ENOTFOUND, _EREFUSED, _EBADNAME = 1, 3, 4, 6, 8
 _ECONNREFUSED, _ETIMEOUT, _ECANCELLED = 11, 12, 24
 _FAILURE_KINDS = {_ESERVFAIL: "servfail", _EREFUSED: "refused", _ECONNREFUSED: "unreachable",
@@ -31,6 +35,11 @@ _FAILURE_KINDS = {_ESERVFAIL: "servfail", _EREFUSED: "refused", _ECONNREFUSED: "
 NETWORK_FAILURES = frozenset(("timeout", "unreachable"))
 #: At most one resolver-error log line per server and kind in this many seconds.
 LOG_EVERY = 1.0
+
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
 
 OUTCOMES = ("ok", "nxdomain", "nodata", "servfail", "refused", "timeout", "unreachable", "error")
 
@@ -95,37 +104,18 @@ class Upstream:
             self._resolver = make_resolver(self.address, self.timeout)
         return self._resolver
 
-    async def query(self, name: str, qtype: str, timeout: float | None = None) -> Answer:
+    async def query(self, name: str, qtype: int, timeout: float | None = None) -> Answer:
         """Ask this server once, waiting at most ``timeout`` seconds (c-ares may retransmit
-        inside that window)."""
+        inside that window). ``qtype`` is the type number."""
         timeout = self.timeout if timeout is None else timeout
         self.queries += 1
         self.inflight += 1
         t0 = time.monotonic()
         try:
-            result = await asyncio.wait_for(self.resolver.query_dns(name, qtype), timeout)
+            code, sections = await self._ask(name, qtype, timeout)
         except TimeoutError:
             raise self._fail("timeout", f"no answer in {timeout:.3g}s", name, qtype,
                              time.monotonic() - t0) from None
-        except DNSError as exc:
-            code = exc.args[0] if exc.args else None
-            elapsed = time.monotonic() - t0
-            if code == _ENOTFOUND:
-                self._ok("nxdomain", elapsed)
-                return Answer(NXDOMAIN)
-            if code == _ENODATA:
-                self._ok("nodata", elapsed)
-                return Answer(NOERROR)
-            if code == _ECANCELLED:
-                # The channel was closed under us (shutdown): not the server's fault.
-                raise UpstreamError("closed", "query cancelled", self.address) from None
-            if code == _EBADNAME:
-                # Our name, not the server: no health penalty.
-                self.outcomes["error"] += 1
-                raise UpstreamError("badname", str(exc), self.address) from None
-            kind = _FAILURE_KINDS.get(code, "error")
-            raise self._fail(kind, exc.args[1] if len(exc.args) > 1 else str(exc), name,
-                             qtype, elapsed) from None
         finally:
             self.inflight -= 1
             if not self.inflight and self._idle_waiters:
@@ -133,8 +123,51 @@ class Upstream:
                     if not fut.done():
                         fut.set_result(None)
                 self._idle_waiters = []
-        self._ok("ok", time.monotonic() - t0)
-        return Answer(NOERROR, list(result.answer), list(result.authority))
+        elapsed = time.monotonic() - t0
+        answer, authority = sections or ((), ())
+        if code == _OK:
+            self._ok("ok", elapsed)
+            return Answer(NOERROR, list(answer), list(authority))
+        if code == _ENOTFOUND:
+            self._ok("nxdomain", elapsed)
+            return Answer(NXDOMAIN, [], list(authority))
+        if code == _ENODATA:
+            self._ok("nodata", elapsed)
+            # A CNAME chain that ends in NODATA is reported as success by c-ares, so the
+            # answer section is empty here.
+            return Answer(NOERROR, [], list(authority))
+        if code == _ECANCELLED:
+            # The channel was closed under us (shutdown): not the server's fault.
+            raise UpstreamError("closed", "query cancelled", self.address)
+        if code == _EBADNAME:
+            # Our name, not the server: no health penalty.
+            self.outcomes["error"] += 1
+            raise UpstreamError("badname", pycares.errno.strerror(code), self.address)
+        kind = _FAILURE_KINDS.get(code, "error")
+        raise self._fail(kind, pycares.errno.strerror(code), name, qtype, elapsed)
+
+    async def _ask(self, name: str, qtype: int, timeout: float) -> tuple[int, Any]:
+        """(c-ares status, (answer, authority) or None); TimeoutError after ``timeout``."""
+        resolver = self.resolver
+        if caresquery.AVAILABLE:
+            try:
+                fut = caresquery.submit(resolver._channel, name, qtype)
+            except RuntimeError:
+                raise UpstreamError("closed", "channel closed", self.address) from None
+            # A timer instead of wait_for: no extra task or waiter future per query.
+            timer = asyncio.get_running_loop().call_later(timeout, _expire, fut)
+            try:
+                return await fut
+            finally:
+                timer.cancel()
+        try:
+            result = await asyncio.wait_for(resolver.query_dns(name, FORWARDABLE[qtype]),
+                                            timeout)
+        except DNSError as exc:
+            return (exc.args[0] if exc.args else -1), None
+        recs = [r for r in map(rec_from_pycares, result.answer) if r is not None]
+        auth = [r for r in map(rec_from_pycares, result.authority) if r is not None]
+        return _OK, (recs, auth)
 
     def _ok(self, outcome: str, elapsed: float) -> None:
         self.outcomes[outcome] += 1
@@ -143,7 +176,7 @@ class Upstream:
             log.info("upstream %s (pool %s) is healthy again", self.address, self.pool)
             self._state_changed()
 
-    def _fail(self, kind: str, message: str, name: str, qtype: str,
+    def _fail(self, kind: str, message: str, name: str, qtype: int,
               elapsed: float) -> UpstreamError:
         self.outcomes[kind] += 1
         if kind == "timeout":

@@ -238,6 +238,21 @@ def make_key(name: str, qtype: int, qclass: int = CLASS_IN) -> bytes:
     return bytes(out).lower()
 
 
+def encode_name(name: str) -> bytes:
+    """The wire form of a presentation name (c-ares style escapes), case kept, uncompressed."""
+    name = name.rstrip(".")
+    if not name:
+        return b"\x00"
+    out = bytearray()
+    for label in _split_labels(name):
+        if not label or len(label) > 63:
+            raise WireError(f"bad label in {name!r}")
+        out.append(len(label))
+        out += label
+    out.append(0)
+    return bytes(out)
+
+
 def _split_labels(name: str) -> list[bytes]:
     labels: list[bytes] = []
     cur = bytearray()

@@ -5,7 +5,7 @@ several - possibly pipelined - queries per connection) on the same port, from a
 small in-memory ``Zone``.  It behaves like an authoritative server that also
 chases CNAMEs inside its own data (so it looks like a recursive resolver to a
 stub client), and it supports fault injection (latency, blackholing, forced
-rcodes, forced UDP truncation) that can be changed at any time while running.
+rcodes, forced UDP truncation, stripped authority sections) that can be changed at any time while running.
 
 Usage from async tests::
 
@@ -624,6 +624,8 @@ class FakeUpstream:
         self.latency: float = 0.0
         self.drop: bool = False
         self.truncate_udp: bool = False
+        #: Send negative answers without their SOA (as some forwarders do).
+        self.strip_authority: bool = False
         self._rcode: str | None = None
         self._name_latency: _NameDict = _NameDict(convert=float)
         self._name_rcode: _NameDict = _NameDict(convert=_rcode_name)
@@ -678,6 +680,7 @@ class FakeUpstream:
         self.latency = 0.0
         self.drop = False
         self.truncate_udp = False
+        self.strip_authority = False
         self._rcode = None
         self._name_latency = _NameDict(convert=float)
         self._name_rcode = _NameDict(convert=_rcode_name)
@@ -883,7 +886,7 @@ class FakeUpstream:
             h.rcode = res.rcode
             h.aa = 1 if res.aa else 0
             reply.rr = res.answer
-            reply.auth = res.authority
+            reply.auth = [] if self.strip_authority else res.authority
 
         wire = reply.pack()
         if proto == "udp" and (self.truncate_udp or len(wire) > limit):

@@ -121,6 +121,38 @@ async def test_nodata_cached_with_soa(sidecar):
     assert up.count("v4only.example.test", "AAAA") == 1
 
 
+async def test_negative_answers_take_one_upstream_query(sidecar):
+    # The SOA comes from the reply's authority section: no SOA lookups of the zone.
+    up = sidecar.upstream
+    before = up.queries
+    nx = await sidecar.query("gone.example.test")
+    nodata = await sidecar.query("v4only.example.test", "AAAA")
+    assert nx.rcode() == dns.rcode.NXDOMAIN and nx.authority[0].rdtype == dns.rdatatype.SOA
+    assert not nodata.answer and nodata.authority[0].rdtype == dns.rdatatype.SOA
+    assert up.queries - before == 2
+    assert up.count("example.test", "SOA") == 0
+    assert sidecar.sc.resolver.soa.lookups == 0
+
+
+async def test_negative_answer_without_soa_learns_it(sidecar):
+    # An upstream that strips the authority section: the SOA is learned with SOA queries.
+    up = sidecar.upstream
+    up.strip_authority = True
+    r = await sidecar.query("stripped.example.test")
+    assert r.rcode() == dns.rcode.NXDOMAIN
+    (soa,) = r.authority
+    assert str(soa.name) == "example.test." and 0 < soa.ttl <= 60
+    assert up.count("example.test", "SOA") == 1
+    r = await sidecar.query("stripped2.example.test")
+    assert str(r.authority[0].name) == "example.test."
+    assert up.count("example.test", "SOA") == 1  # remembered
+
+
+async def test_txt_character_strings_kept(sidecar):
+    r = await sidecar.query("multi.example.test", "TXT")
+    assert rrset_texts(r, "TXT") == ['"hello world" "second"']
+
+
 async def test_negative_ttl_capped(make_sidecar):
     sc = await make_sidecar(max_negative_ttl=10)
     r = await sc.query("nope2.example.test")
