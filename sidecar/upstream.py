@@ -187,7 +187,7 @@ class Upstream:
         last, suppressed = self._logged.get(kind, (0.0, 0))
         if now - last >= LOG_EVERY:
             errlog.warning("upstream %s (pool %s) %s for %s/%s: %s%s", self.address, self.pool,
-                           kind, name, qtype, message,
+                           kind, name, FORWARDABLE.get(qtype, qtype), message,
                            f" (+{suppressed} more since last line)" if suppressed else "")
             self._logged[kind] = (now, 0)
         else:

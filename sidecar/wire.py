@@ -243,6 +243,11 @@ def encode_name(name: str) -> bytes:
     name = name.rstrip(".")
     if not name:
         return b"\x00"
+    if "\\" not in name and name.isascii():
+        # The common case, without the per-character escape parser (2.0 vs 4.2 us).
+        labels = name.encode("ascii").split(b".")
+        if all(0 < len(label) < 64 for label in labels):
+            return b"".join(bytes((len(label),)) + label for label in labels) + b"\x00"
     out = bytearray()
     for label in _split_labels(name):
         if not label or len(label) > 63:
