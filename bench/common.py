@@ -333,6 +333,19 @@ def summarize(values: list[float]) -> dict:
     return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
 
 
+#: Seconds of the same load, unmeasured, right before each measured run (see rotated()).
+LEAD_IN_S = 1.0
+
+
+def rotated(names: list[str], rnd: int) -> list[str]:
+    """The peers' order in round ``rnd``: rotated by one each round, so no peer is always
+    the first run after a pause. Measured: with a fixed order, whichever peer ran first in
+    its round had a p99 up to 4x worse at 5,000 q/s (sidecar-uvloop first: 408-1,418 us;
+    the same build last: 245-289 us), a position effect of this VM, not of the server."""
+    k = rnd % len(names) if names else 0
+    return names[k:] + names[:k]
+
+
 def ratios_to(per_peer: dict, key: str, ref: str = "dnsmasq") -> dict[str, dict]:
     """Per peer, the summary of ``run[key] / ref_run[key]`` taken within each round (same
     round = same background load); empty when ``ref`` did not run."""

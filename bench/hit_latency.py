@@ -28,7 +28,9 @@ def run(nsd: peers.Server, names: list[str], rounds: int = 3, seconds: float = 1
             servers[n] = peers.start_peer(n, nsd.port)
             common.dnsperf(servers[n].port, qfile, seconds=10, maxruns=1, qps=20000)
         for rnd in range(rounds):
-            for n in names:
+            for n in common.rotated(names, rnd):
+                common.dnsperf(servers[n].port, qfile, seconds=common.LEAD_IN_S, qps=rate,
+                               clients=1, outstanding=100)
                 r = common.dnsperf(servers[n].port, qfile, seconds=seconds, qps=rate,
                                    clients=1, outstanding=100, verbose=True)
                 lat = r.latencies

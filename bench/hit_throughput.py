@@ -70,7 +70,8 @@ def run(nsd: peers.Server, names: list[str], rounds: int = 3, seconds: float = 1
             # warm every name once at a gentle rate, then check they all answer
             common.dnsperf(servers[n].port, qfile, seconds=10, maxruns=1, qps=20000)
         for rnd in range(rounds):
-            for n in names:
+            for n in common.rotated(names, rnd):
+                common.dnsperf(servers[n].port, qfile, seconds=common.LEAD_IN_S)
                 m = measure(servers[n], qfile, seconds)
                 m["round"] = rnd
                 out["peers"][n].append(m)

@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--servfail-ttl", metavar="SECONDS", type=_typed("a whole number >= 0", _nonneg_int), default=5,
         help="how long a failed lookup (SERVFAIL) is remembered (default 5)")
     add("--cache-size", metavar="ENTRIES", type=_typed("a whole number >= 0", _nonneg_int), default=100000,
-        help="cache bound, least recently used evicted first (default 100000)")
+        help="cache bound, least recently used evicted first (CLOCK approximation; default "
+        "100000)")
     add("--timeout", metavar="SECONDS", type=_typed("a number >= 0", _positive_float), default=2.0,
         help="per upstream try (default 2.0)")
     add("--tries", metavar="N", type=_typed("a whole number >= 0", _nonneg_int), default=2,

@@ -72,7 +72,7 @@ class QueryHandler:
         self.rcodes = [0] * 24
         # Bound methods for the hot path: each saves an attribute walk per query.
         self._get = cache.entries.get
-        self._touch = cache.entries.move_to_end
+        self._touch = cache.used.add
         self._acl_get = self.acl.cache.get
         self.dropped = 0
         self.truncated = 0
@@ -166,7 +166,7 @@ class QueryHandler:
         if e is not None:
             now = time.monotonic()
             if now < e[EXPIRES]:
-                cache.entries.move_to_end(q.key)
+                cache.used.add(q.key)
                 cache.hits += 1
                 age = int(now - e[STORED])
                 body = e[BODY] if age == e[AGE] else cache.rendered_body(q.key, e, age)
