@@ -98,7 +98,7 @@ class Pool:
             server = order[launched % len(order)]
             launched += 1
             left = deadline - time.monotonic()
-            fut = asyncio.ensure_future(server.query(name, qtype, min(self.timeout, left)))
+            fut = server.start(name, qtype, min(self.timeout, left))
             running.add(fut)
             self._tries.add(fut)
             fut.add_done_callback(self._tries.discard)

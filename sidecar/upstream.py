@@ -106,24 +106,64 @@ class Upstream:
 
     async def query(self, name: str, qtype: int, timeout: float | None = None) -> Answer:
         """Ask this server once, waiting at most ``timeout`` seconds (c-ares may retransmit
-        inside that window). ``qtype`` is the type number."""
+        inside that window). ``qtype`` is the type number. Raises :class:`UpstreamError`."""
+        return await self.start(name, qtype, timeout)
+
+    def start(self, name: str, qtype: int, timeout: float | None = None) -> asyncio.Future:
+        """Send one try now; the future gets the :class:`Answer` or an :class:`UpstreamError`.
+
+        A future, not a task: the pool runs and races tries without a task per try.
+        Cancelling the future only stops waiting (the c-ares query ends by itself).
+        """
         timeout = self.timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        out = loop.create_future()
         self.queries += 1
         self.inflight += 1
+        out.add_done_callback(self._try_ended)
         t0 = time.monotonic()
         try:
-            code, sections = await self._ask(name, qtype, timeout)
-        except TimeoutError:
-            raise self._fail("timeout", f"no answer in {timeout:.3g}s", name, qtype,
-                             time.monotonic() - t0) from None
-        finally:
-            self.inflight -= 1
-            if not self.inflight and self._idle_waiters:
-                for fut in self._idle_waiters:
-                    if not fut.done():
-                        fut.set_result(None)
-                self._idle_waiters = []
+            resolver = self.resolver
+            if caresquery.AVAILABLE:
+                inner = caresquery.submit(resolver._channel, name, qtype)
+                timer = loop.call_later(timeout, _expire, inner)
+            else:
+                inner = asyncio.ensure_future(self._ask_query_dns(resolver, name, qtype, timeout))
+                timer = None
+        except (RuntimeError, UpstreamError):
+            out.set_exception(UpstreamError("closed", "channel closed", self.address))
+            return out
+        inner.add_done_callback(lambda f: self._settle(f, out, timer, name, qtype, t0, timeout))
+        return out
+
+    def _try_ended(self, _out: asyncio.Future) -> None:
+        self.inflight -= 1
+        if not self.inflight and self._idle_waiters:
+            for fut in self._idle_waiters:
+                if not fut.done():
+                    fut.set_result(None)
+            self._idle_waiters = []
+
+    def _settle(self, inner: asyncio.Future, out: asyncio.Future, timer: Any, name: str,
+                qtype: int, t0: float, timeout: float) -> None:
+        if timer is not None:
+            timer.cancel()
+        if out.done():
+            return  # cancelled at shutdown: nobody waits, and the outcome says nothing
+        try:
+            out.set_result(self._outcome(inner, name, qtype, t0, timeout))
+        except UpstreamError as exc:
+            out.set_exception(exc)
+
+    def _outcome(self, inner: asyncio.Future, name: str, qtype: int, t0: float,
+                 timeout: float) -> Answer:
         elapsed = time.monotonic() - t0
+        exc = None if inner.cancelled() else inner.exception()
+        if inner.cancelled() or isinstance(exc, TimeoutError):
+            raise self._fail("timeout", f"no answer in {timeout:.3g}s", name, qtype, elapsed)
+        if exc is not None:
+            raise exc
+        code, sections = inner.result()
         answer, authority = sections or ((), ())
         if code == _OK:
             self._ok("ok", elapsed)
@@ -146,20 +186,10 @@ class Upstream:
         kind = _FAILURE_KINDS.get(code, "error")
         raise self._fail(kind, pycares.errno.strerror(code), name, qtype, elapsed)
 
-    async def _ask(self, name: str, qtype: int, timeout: float) -> tuple[int, Any]:
-        """(c-ares status, (answer, authority) or None); TimeoutError after ``timeout``."""
-        resolver = self.resolver
-        if caresquery.AVAILABLE:
-            try:
-                fut = caresquery.submit(resolver._channel, name, qtype)
-            except RuntimeError:
-                raise UpstreamError("closed", "channel closed", self.address) from None
-            # A timer instead of wait_for: no extra task or waiter future per query.
-            timer = asyncio.get_running_loop().call_later(timeout, _expire, fut)
-            try:
-                return await fut
-            finally:
-                timer.cancel()
+    async def _ask_query_dns(self, resolver: aiodns.DNSResolver, name: str, qtype: int,
+                             timeout: float) -> tuple[int, Any]:
+        """The ``query_dns`` path (no authority for NXDOMAIN/NODATA), for when
+        :mod:`caresquery` cannot reach pycares's internals."""
         try:
             result = await asyncio.wait_for(resolver.query_dns(name, FORWARDABLE[qtype]),
                                             timeout)

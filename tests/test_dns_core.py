@@ -148,6 +148,21 @@ async def test_negative_answer_without_soa_learns_it(sidecar):
     assert up.count("example.test", "SOA") == 1  # remembered
 
 
+async def test_query_dns_path_when_pycares_internals_are_missing(make_sidecar, monkeypatch):
+    # Without caresquery (pycares changed), aiodns's query_dns answers and soa.py supplies
+    # the SOA that query_dns leaves out of negative answers.
+    from sidecar import caresquery
+    monkeypatch.setattr(caresquery, "AVAILABLE", False)
+    sc = await make_sidecar()
+    r = await sc.query("www.example.test")
+    assert rrset_texts(r, "A")
+    r = await sc.query("absent.example.test")
+    assert r.rcode() == dns.rcode.NXDOMAIN and str(r.authority[0].name) == "example.test."
+    assert sc.sc.resolver.soa.lookups >= 1
+    r = await sc.query("multi.example.test", "TXT")  # query_dns joins the strings
+    assert rrset_texts(r, "TXT") == ['"hello worldsecond"']
+
+
 async def test_txt_character_strings_kept(sidecar):
     r = await sidecar.query("multi.example.test", "TXT")
     assert rrset_texts(r, "TXT") == ['"hello world" "second"']
