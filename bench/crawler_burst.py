@@ -144,6 +144,14 @@ async def scenario(kind: str, hosts: list[str], limit: int) -> dict:
     return r
 
 
+def _cpu_by_role(sidecar, proxy, http, nsd) -> dict[str, float]:
+    """CPU seconds used so far by each process of the scenario (crawler = this process)."""
+    return {"crawler": time.process_time(),
+            "sidecar": sidecar.cpu() if sidecar is not None else 0.0,
+            "delay_proxy": proxy.cpu(), "http_servers": common.cpu_seconds(http.pid),
+            "nsd": nsd.cpu()}
+
+
 def inner(a: argparse.Namespace) -> dict:
     """Runs inside the namespace: start everything, run the scenarios in alternating rounds."""
     if common.have_cpus() > 1:
@@ -189,7 +197,10 @@ def inner(a: argparse.Namespace) -> dict:
                 hosts = cold_b if s == "B-warm" else take(a.hosts)
                 if s == "B-cold":
                     cold_b = hosts
+                cpu0 = _cpu_by_role(sidecar, proxy, http, nsd)
                 r = asyncio.run(scenario(s, hosts, a.limit))
+                cpu1 = _cpu_by_role(sidecar, proxy, http, nsd)
+                r["cpu_s"] = {k: round(cpu1[k] - cpu0[k], 3) for k in cpu1}
                 ttfb = r.pop("_ttfb")
                 r["round"] = rnd
                 out["scenarios"][s].append(r)

@@ -72,6 +72,7 @@ def run(nsd: peers.Server, names: list[str], rounds: int = 3, seconds: float = 1
         for rnd in range(rounds):
             for n in common.rotated(names, rnd):
                 common.dnsperf(servers[n].port, qfile, seconds=common.LEAD_IN_S)
+                common.drained(servers[n].port, zone.hit_names(1)[0])
                 m = measure(servers[n], qfile, seconds)
                 m["round"] = rnd
                 out["peers"][n].append(m)
