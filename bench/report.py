@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 from pathlib import Path
 
 from . import common
@@ -329,6 +330,19 @@ def render(r: dict, img: Path, img_rel: str) -> str:
                          rng(s.get("p99_vs_floor"), 2)])
         parts.append(table(["scenario", "TTFB p50 ms", "TTFB p99 ms", "TTFB max ms", "wall s",
                             "errors", "UDP drops", "p99 vs A", "p99 vs floor"], rows))
+        roles = ("crawler", "sidecar", "delay_proxy", "http_servers", "nsd")
+        cpu_rows = []
+        for n, runs in ordered(cb.get("scenarios", {})):
+            per = [r["cpu_s"] for r in runs if r.get("cpu_s")]
+            if per:
+                cpu_rows.append([n] + [f(statistics.median(p[k] for p in per), 2)
+                                       for k in roles])
+        if cpu_rows:
+            parts.append("\nCPU seconds per process during each scenario (median of the rounds; "
+                         "the crawler runs on CPU 0, everything else shares CPU 1; B-prewarm's "
+                         "sidecar CPU is the /prewarm call):\n")
+            parts.append(table(["scenario", "crawler", "dns-sidecar", "delay proxy",
+                                "HTTP servers", "nsd"], cpu_rows))
         pw = cb["summary"].get("B-prewarm", {}).get("prewarm_s")
         if pw and pw.get("median") is not None:
             parts.append(f"\nThe pre-warm call itself (one POST /prewarm for the {c['hosts']} "
