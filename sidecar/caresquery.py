@@ -8,9 +8,10 @@ through the same c-ares call (``ares_query_dnsrec``, on the channel aiodns made)
 own cffi callback, which keeps the sections for NXDOMAIN/NODATA and turns records straight
 into wire rdata; TXT keeps its character-string boundaries.
 
-Measured on the miss path (1,000 cold A/AAAA misses, sidecar pinned to one core, upstream
-answering at once): 404 us of sidecar CPU per miss with ``query_dns`` + SOA lookups + dnslib;
-see ``docs/benchmarks.md`` for the figure after.
+Measured with ``bench/miss_micro.py`` (1,000 cold A/AAAA misses at once, sidecar pinned to
+one core, upstream answering at once): 445-543 us of sidecar CPU per miss with ``query_dns``,
+SOA lookups and dnslib; 162-200 us with this module and the other miss-path changes of the
+same session (wire-level entries, tries as futures).
 
 The callback runs on c-ares' event thread (pycares 5 default) and hands the parsed records
 to the event loop with ``call_soon_threadsafe``; the record pointer is only valid inside
