@@ -47,7 +47,7 @@ from .errors import StartupError, WireError
 from .metrics import CONTENT_TYPE_LATEST, make_registry, render
 from .openapi import openapi_document
 from .stats import not_ready_reasons, snapshot
-from .wire import RCODE_NAMES, make_key, skip_name
+from .wire import RCODE_NAMES, RR_FIXED, make_key, skip_name
 
 if TYPE_CHECKING:
     from .server import Sidecar
@@ -73,7 +73,6 @@ _SUPPORTED_TYPES = ", ".join(sorted(TYPE_NUMBERS))
 # A plain host name (no escapes): its cache key is built without make_key's per-character loop.
 _PLAIN_NAME = re.compile(r"[a-z0-9_*-]{1,63}(?:\.[a-z0-9_*-]{1,63})*")
 _TYPE_CLASS_IN = struct.Struct(">HH")
-_RR_FIXED = struct.Struct(">HHIH")
 _ADDRESS_FAMILIES = {1: socket.AF_INET, 28: socket.AF_INET6}
 _JSON = "application/json"
 
@@ -189,7 +188,7 @@ def entry_records(key: bytes, entry: Entry, qtype: int) -> list[str]:
     out = []
     for _ in range(count):
         pos = skip_name(msg, pos)
-        rtype, _rclass, _ttl, rdlen = _RR_FIXED.unpack_from(msg, pos)
+        rtype, _rclass, _ttl, rdlen = RR_FIXED.unpack_from(msg, pos)
         pos += 10
         if rtype == qtype:
             out.append(socket.inet_ntop(family, msg[pos : pos + rdlen]))

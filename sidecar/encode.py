@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 from dnslib import CAA, NAPTR, DNSBuffer
 
 from .cache import NEVER, RawEntry, new_entry
-from .wire import NXDOMAIN, SERVFAIL, encode_name
+from .wire import NXDOMAIN, RR_FIXED, SERVFAIL, encode_name
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,6 @@ def negative_ttl(soa_ttl: int, minimum: int, policy: TtlPolicy) -> int:
     return max(0, min(soa_ttl, minimum, policy.max_negative_ttl))
 
 
-_RR_FIXED = struct.Struct(">HHIH")
 _QNAME_PTR = b"\xc0\x0c"
 
 
@@ -146,7 +145,7 @@ def build_entry(key: bytes, qtype: int, answer: Answer, soa: Rec | None,
         owner = encode_name(rec.name)
         if owner.lower() == qname:
             owner = _QNAME_PTR
-        fixed = _RR_FIXED.pack(rec.type, 1, ttl, len(rec.rdata))
+        fixed = RR_FIXED.pack(rec.type, 1, ttl, len(rec.rdata))
         parts.append(owner + fixed + rec.rdata)
         offsets.append(pos + len(owner) + 4)
         pos += len(owner) + 10 + len(rec.rdata)

@@ -36,8 +36,7 @@ MIN_UDP_PAYLOAD = 512
 _H = struct.Struct(">HHHHHH")
 _HH = struct.Struct(">HH")
 _OPT = struct.Struct(">HHIH")  # type, class (= udp size), ttl (= ext rcode/version/flags), rdlen
-_RR_FIXED = struct.Struct(">HHIH")  # type, class, ttl, rdlength
-_U32 = struct.Struct(">I")
+RR_FIXED = struct.Struct(">HHIH")  # type, class, ttl, rdlength
 
 
 class ParsedQuery(NamedTuple):
@@ -154,38 +153,6 @@ def skip_name(msg: bytes, pos: int) -> int:
         pos += length + 1
 
 
-def rr_ttl_offsets(msg: bytes, start: int, count: int) -> tuple[list[int], list[int], int]:
-    """Walk ``count`` resource records from ``start``; return (ttl offsets, ttls, end offset).
-
-    OPT records are skipped (their TTL field is not a TTL).
-    """
-    offsets: list[int] = []
-    ttls: list[int] = []
-    pos = start
-    for _ in range(count):
-        pos = skip_name(msg, pos)
-        if pos + 10 > len(msg):
-            raise WireError("truncated record")
-        rtype, _rclass, ttl, rdlen = _RR_FIXED.unpack_from(msg, pos)
-        if rtype != TYPE_OPT:
-            offsets.append(pos + 4)
-            ttls.append(ttl)
-        pos += 10 + rdlen
-        if pos > len(msg):
-            raise WireError("truncated rdata")
-    return offsets, ttls, pos
-
-
-def patch_ttls(body: bytes, offsets: list[int], ttls: list[int], age: int) -> bytes:
-    """Copy of ``body`` with every TTL at ``offsets`` set to ``ttl - age`` (never below 1)."""
-    buf = bytearray(body)
-    pack = _U32.pack_into
-    for off, ttl in zip(offsets, ttls, strict=True):
-        left = ttl - age
-        pack(buf, off, left if left > 0 else 1)
-    return bytes(buf)
-
-
 def qname_text(key: bytes) -> str:
     """The presentation form of the name in a cache key, without the trailing dot.
 
@@ -223,19 +190,10 @@ def key_type(key: bytes) -> int:
 
 def make_key(name: str, qtype: int, qclass: int = CLASS_IN) -> bytes:
     """Build a cache key from a presentation name (used by the API and pre-warm)."""
-    name = name.strip().rstrip(".")
-    out = bytearray()
-    if name:
-        for label in _split_labels(name):
-            if not label or len(label) > 63:
-                raise WireError(f"bad label in {name!r}")
-            out.append(len(label))
-            out += label
-    out.append(0)
-    if len(out) > 255:
+    wire_name = encode_name(name.strip())
+    if len(wire_name) > 255:
         raise WireError("name too long")
-    out += _HH.pack(qtype, qclass)
-    return bytes(out).lower()
+    return wire_name.lower() + _HH.pack(qtype, qclass)
 
 
 def encode_name(name: str) -> bytes:
