@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from threading import get_ident
 from typing import Any
 
 import pycares
@@ -133,7 +134,7 @@ def _on_reply(arg: Any, status: int, timeouts: int, dnsrec: Any) -> None:
         box = _pending.pop(int(_ffi.cast("uintptr_t", arg)), None)
         if box is None:
             return
-        loop, fut = box[0], box[1]
+        loop, fut, thread = box[0], box[1], box[3]
         sections = None
         if status in _WITH_REPLY and dnsrec != _ffi.NULL:
             try:
@@ -141,7 +142,10 @@ def _on_reply(arg: Any, status: int, timeouts: int, dnsrec: Any) -> None:
                             _section(dnsrec, _lib.ARES_SECTION_AUTHORITY))
             except Exception:
                 status = EBADRESP
-        loop.call_soon_threadsafe(_settle, fut, status, sections)
+        if get_ident() == thread:
+            _settle(fut, status, sections)  # loop-driven channel: already on the loop
+        else:
+            loop.call_soon_threadsafe(_settle, fut, status, sections)
     except Exception:  # pragma: no cover - loop closed under a late reply at shutdown
         pass
 
@@ -158,7 +162,7 @@ def submit(channel: pycares.Channel, name: str, qtype: int) -> asyncio.Future:
     first three, else None. Raises ``RuntimeError`` if the channel is closed."""
     loop = asyncio.get_running_loop()
     fut = loop.create_future()
-    box = [loop, fut, None]
+    box = [loop, fut, None, get_ident()]
     handle = _ffi.new_handle(box)
     box[2] = handle
     key = int(_ffi.cast("uintptr_t", handle))

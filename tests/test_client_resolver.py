@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -58,6 +59,23 @@ async def test_sidecar_resolver_is_an_async_resolver_aimed_at_the_address(side):
         assert side.upstream.count("crawl20.example.test", "AAAA") == 1
     finally:
         await r.close()
+
+
+async def test_sidecar_resolver_channel_is_driven_by_the_event_loop(side):
+    # SidecarResolver builds its aiodns resolver itself instead of calling
+    # AsyncResolver.__init__; it must still set everything that __init__ sets.
+    plain = AsyncResolver(nameservers=[side.dns_address])
+    r = sidecar_resolver(side.dns_address, api_url=None)
+    try:
+        assert set(vars(plain)) <= set(vars(r))
+        assert r._resolver.loop_driven  # c-ares sockets watched by this loop, no thread
+        names = [f"crawl{i}.example.test" for i in range(20, 40)]
+        got = await asyncio.gather(*(r.resolve(n, 80, socket.AF_INET) for n in names))
+        assert [a[0]["host"] for a in got] == [f"127.0.0.{i + 1}" for i in range(20, 40)]
+    finally:
+        await r.close()
+        await plain.close()
+    assert r._resolver is None
 
 
 async def test_sidecar_resolver_nxdomain_is_an_oserror_chained_from_dnserror(side):

@@ -185,3 +185,22 @@ async def test_slow_server_is_hedged_to_the_next(make_sidecar, upstream, second_
     await asyncio.wait_for(slow_u.idle(), WAIT)  # the losing try is left to finish
     assert slow_u.outcomes["ok"] == 1
     assert slow_u.health.consecutive_failures == 0  # a late answer is still an answer
+
+
+async def test_lost_upstream_packet_is_retransmitted_within_the_try(make_sidecar, upstream):
+    # Upstream channels are driven by the event loop (sidecar.cares.LoopResolver), not by
+    # c-ares' own thread: c-ares' retransmission must still fire, inside one try.
+    sc = await make_sidecar(timeout=5.0, tries=1)
+    u = upstream_obj(sc, upstream)
+    for i in range(5):  # RTT samples, so c-ares' retry timeout adapts below our 5 s
+        assert (await sc.query(f"h{i}.example.test")).answer
+    assert getattr(u.resolver, "loop_driven", False)
+    upstream.drop_names = {"www.example.test"}
+    seen = upstream.queries
+    pending = asyncio.ensure_future(sc.query("www.example.test"))
+    await upstream.wait_for_queries(seen + 1)
+    upstream.drop_names = set()
+    r = await pending
+    assert r.rcode() == dns.rcode.NOERROR and r.answer
+    assert upstream.count("www.example.test") == 2
+    assert u.outcomes["timeout"] == 0
