@@ -1,7 +1,8 @@
 """Concurrent misses for one key share one upstream query.
 
-The first caller starts the fetch as its own task; later callers await the same task
-through ``asyncio.shield``, so a caller that goes away (closed TCP connection, shutdown)
+The first caller starts the fetch as its own task; later callers get the same task. Callers
+either add a done callback (the listeners: no task or shield per waiting client) or await
+it through ``asyncio.shield``, so a caller that goes away (closed TCP connection, shutdown)
 never cancels the fetch for the others. The key is dropped when the fetch ends, so nothing
 accumulates per name (unlike a dict of per-host locks).
 """
@@ -16,7 +17,7 @@ T = TypeVar("T")
 
 
 class Coalescer(Generic[T]):
-    """``await run(key, fetch)``: one ``fetch()`` per key in flight; ``coalesced`` counts the
+    """``join(key, fetch)``: one ``fetch()`` task per key in flight; ``coalesced`` counts the
     callers that joined an existing fetch."""
 
     def __init__(self) -> None:
@@ -26,7 +27,10 @@ class Coalescer(Generic[T]):
     def __len__(self) -> int:
         return len(self.inflight)
 
-    def run(self, key: bytes, fetch: Callable[[], Awaitable[T]]) -> Awaitable[T]:
+    def join(self, key: bytes, fetch: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
+        """The task fetching ``key``, started with ``fetch()`` if none is in flight.
+
+        Shared: never cancel it; await it through ``asyncio.shield`` or add a callback."""
         task = self.inflight.get(key)
         if task is not None:
             self.coalesced += 1
@@ -34,7 +38,7 @@ class Coalescer(Generic[T]):
             task = asyncio.ensure_future(fetch())
             self.inflight[key] = task
             task.add_done_callback(lambda _t, k=key: self._done(k, _t))
-        return asyncio.shield(task)
+        return task
 
     def _done(self, key: bytes, task: asyncio.Task[T]) -> None:
         if self.inflight.get(key) is task:

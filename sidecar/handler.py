@@ -2,14 +2,15 @@
 
 ``handle`` is the hot path. A fresh cache hit is answered synchronously from the entry's
 encoded bytes: the client's ID and question bytes (letter case kept, for DNS 0x20) in front
-of the cached sections. Anything else returns a coroutine that the listener runs as a task.
+of the cached sections. A miss returns a :class:`PendingReply`: the listener starts it, adds
+a done callback to its fetch (shared by every client asking for the same key) and sends
+what ``reply()`` renders; no task per waiting client.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Coroutine
-from typing import Any
 
 from .acl import Acl
 from .cache import (
@@ -52,7 +53,33 @@ _monotonic = time.monotonic
 _ONE_Q = b"\x00\x01\x00\x00\x00\x00\x00\x00"
 _ONE_Q_OPT = b"\x00\x01\x00\x00\x00\x00\x00\x01"
 
-Reply = bytes | None | Coroutine[Any, Any, bytes | None]
+
+
+class PendingReply:
+    """A miss. Nothing happens until ``start()``, which begins (or joins) the fetch for its
+    key and returns that future: shared with every client asking for the same key, so never
+    cancel it. Once it is done, ``reply()`` renders this client's answer (None: stay
+    silent). Dropping an unstarted PendingReply costs nothing."""
+
+    __slots__ = ("data", "fut", "handler", "q", "tcp")
+
+    def __init__(self, handler: QueryHandler, data: bytes, q: ParsedQuery, tcp: bool) -> None:
+        self.handler, self.data, self.q, self.tcp = handler, data, q, tcp
+        self.fut: asyncio.Future | None = None
+
+    def start(self) -> asyncio.Future:
+        """Needs the running event loop."""
+        self.fut = self.handler.resolver.lookup(self.q.key)
+        return self.fut
+
+    def reply(self) -> bytes | None:
+        fut = self.fut
+        if fut is None or fut.cancelled():
+            return None  # never started, or cancelled at shutdown
+        return self.handler._finish_miss(self.data, self.q, self.tcp, fut)
+
+
+Reply = bytes | None | PendingReply
 
 
 class QueryHandler:
@@ -81,7 +108,7 @@ class QueryHandler:
     def handle(self, data: bytes, host: str, tcp: bool) -> Reply:
         """Answer one message from ``host`` (the client's IP as a string).
 
-        Returns the reply bytes, None to stay silent, or a coroutine resolving to either.
+        Returns the reply bytes, None to stay silent, or a :class:`PendingReply`.
         """
         # Fast path for the common shape: QUERY, one question, no records or one OPT.
         # It finds the question's end with bytes.find instead of walking labels (a zero byte
@@ -186,8 +213,12 @@ class QueryHandler:
         cache.misses += 1
         return self._miss(data, q, tcp)
 
-    async def _miss(self, data: bytes, q: ParsedQuery, tcp: bool) -> bytes | None:
-        e, stale = await self.resolver.resolve(q.key)
+    def _miss(self, data: bytes, q: ParsedQuery, tcp: bool) -> PendingReply:
+        return PendingReply(self, data, q, tcp)
+
+    def _finish_miss(self, data: bytes, q: ParsedQuery, tcp: bool,
+                     fut: asyncio.Future) -> bytes | None:
+        e, stale = self.resolver.outcome(fut)
         if stale:
             body = stale_body(e)
         else:

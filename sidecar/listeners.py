@@ -12,9 +12,14 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING
 
 from .config import HostPort
 from .errors import StartupError
+
+if TYPE_CHECKING:
+    from .handler import PendingReply
 
 log = logging.getLogger("sidecar.listen")
 
@@ -24,19 +29,24 @@ Handle = Callable[[bytes, str, bool], object]
 TCP_MAX_PENDING = 128
 
 
-def _coro_reply(reply: object) -> bool:
-    return reply is not None and type(reply) is not bytes
+def _track(pending: set[asyncio.Future], fut: asyncio.Future) -> None:
+    """Keep ``fut`` (a fetch, maybe shared by several clients) in ``pending`` until done,
+    so a drain can wait for it."""
+    if fut not in pending:
+        pending.add(fut)
+        fut.add_done_callback(pending.discard)
 
 
 class UdpListener(asyncio.DatagramProtocol):
-    """One UDP socket. ``received`` counts datagrams; ``pending`` holds miss tasks."""
+    """One UDP socket. ``received`` counts datagrams; ``pending`` holds the fetches its
+    clients wait for."""
 
     def __init__(self, handle: Handle) -> None:
         self.handle = handle
         self.transport: asyncio.DatagramTransport | None = None
         self.received = 0
         self.errors = 0
-        self.pending: set[asyncio.Task] = set()
+        self.pending: set[asyncio.Future] = set()
         self.closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -57,13 +67,13 @@ class UdpListener(asyncio.DatagramProtocol):
         if type(reply) is bytes:
             self.transport.sendto(reply, addr)  # type: ignore[union-attr]
             return
-        task = asyncio.ensure_future(self._finish(reply, addr))  # type: ignore[arg-type]
-        self.pending.add(task)
-        task.add_done_callback(self.pending.discard)
+        fut = reply.start()  # type: ignore[union-attr]
+        _track(self.pending, fut)
+        fut.add_done_callback(partial(self._answer, reply, addr))
 
-    async def _finish(self, coro, addr: tuple) -> None:
+    def _answer(self, pending: PendingReply, addr: tuple, _fut: object) -> None:
         try:
-            reply = await coro
+            reply = pending.reply()
         except Exception:
             self.errors += 1
             log.exception("miss path failed for a UDP query from %s", addr[0])
@@ -159,13 +169,13 @@ class TcpConnection(asyncio.Protocol):
         if self.pending >= TCP_MAX_PENDING and not self.paused_reading and self.transport:
             self.transport.pause_reading()
             self.paused_reading = True
-        task = asyncio.ensure_future(self._finish(reply))
-        self.server.pending.add(task)
-        task.add_done_callback(self.server.pending.discard)
+        fut = reply.start()  # type: ignore[union-attr]
+        _track(self.server.pending, fut)
+        fut.add_done_callback(partial(self._answer, reply))
 
-    async def _finish(self, coro) -> None:
+    def _answer(self, pending: PendingReply, _fut: object) -> None:
         try:
-            reply = await coro
+            reply = pending.reply()
         except Exception:
             self.server.errors += 1
             log.exception("miss path failed for a TCP query from %s", self.host)
@@ -211,7 +221,7 @@ class TcpListener:
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.connections: set[TcpConnection] = set()
-        self.pending: set[asyncio.Task] = set()
+        self.pending: set[asyncio.Future] = set()
         self.server: asyncio.base_events.Server | None = None
         self.received = 0
         self.accepted = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -111,9 +112,17 @@ class Pool:
                 if left <= 0:
                     break
                 can_hedge = launched < min(attempts, len(order))
-                wait = min(left, self.hedge_delay(current)) if can_hedge else left
-                done, _ = await asyncio.wait(running, timeout=wait,
-                                             return_when=asyncio.FIRST_COMPLETED)
+                if not can_hedge and len(running) == 1:
+                    # Nothing to race, and the try's own timer ends it by the deadline:
+                    # await it alone (asyncio.wait costs a waiter, callbacks and a timer).
+                    only = next(iter(running))
+                    with contextlib.suppress(Exception):
+                        await only
+                    done = {only}
+                else:
+                    wait = min(left, self.hedge_delay(current)) if can_hedge else left
+                    done, _ = await asyncio.wait(running, timeout=wait,
+                                                 return_when=asyncio.FIRST_COMPLETED)
                 if not done:
                     if can_hedge:
                         self.hedged += 1

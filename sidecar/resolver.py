@@ -26,7 +26,8 @@ STALE_RECHECK = 5.0
 
 
 class Resolver:
-    """``await resolve(key)`` -> (entry, stale). Never raises: failures become SERVFAIL."""
+    """``lookup(key)`` / ``await resolve(key)`` -> (entry, stale). Never raises: failures
+    become SERVFAIL."""
 
     def __init__(self, cache: Cache, pools: PoolSet, policy: TtlPolicy, *,
                  max_inflight: int = 1024, budget: float = 4.0, serve_stale: int = 0) -> None:
@@ -48,20 +49,37 @@ class Resolver:
     def inflight(self) -> int:
         return len(self.coalescer)
 
-    async def resolve(self, key: bytes) -> tuple[RawEntry, bool]:
+    def lookup(self, key: bytes) -> asyncio.Future[tuple[RawEntry, bool]]:
+        """A future of ``(entry, stale)`` for ``key``: the fetch in flight for it (shared
+        with other callers: add a done callback or await it through ``asyncio.shield``,
+        never cancel it), or a finished future inside a serve-stale recheck window. Read
+        the result with :meth:`outcome`."""
         if self.serve_stale:
             until = self._recheck.get(key)
             if until is not None:
                 if until > time.monotonic():
                     old = self._usable_stale(key)
                     if old is not None:
-                        self.cache.stale_served += 1
-                        return old, True
+                        done = asyncio.get_running_loop().create_future()
+                        done.set_result((old, True))
+                        return done
                 del self._recheck[key]
-        entry, stale = await self.coalescer.run(key, lambda: self._fetch(key))
+        return self.coalescer.join(key, lambda: self._fetch(key))
+
+    def outcome(self, fut: asyncio.Future[tuple[RawEntry, bool]]) -> tuple[RawEntry, bool]:
+        """The ``(entry, stale)`` of a finished :meth:`lookup`, counting a stale answer as
+        served (once per caller)."""
+        entry, stale = fut.result()
         if stale:
             self.cache.stale_served += 1
         return entry, stale
+
+    async def resolve(self, key: bytes) -> tuple[RawEntry, bool]:
+        """``await`` form of :meth:`lookup` + :meth:`outcome`; cancelling it leaves the fetch
+        running for the others."""
+        fut = self.lookup(key)
+        await asyncio.shield(fut)
+        return self.outcome(fut)
 
     async def close(self) -> None:
         """Cancel every fetch in flight (after the listeners drained) and wait for them."""
@@ -77,7 +95,7 @@ class Resolver:
         if self.coalescer.joinable(key):
             return
         self.cache.prefetched += 1
-        self.coalescer.run(key, lambda: self._fetch(key))
+        self.coalescer.join(key, lambda: self._fetch(key))
 
     def _usable_stale(self, key: bytes) -> RawEntry | None:
         old = self.cache.entries.get(key)
