@@ -20,7 +20,10 @@ headers), total wall time of the burst, errors by class, and the namespace's ker
 (/proc/net/snmp Udp: RcvbufErrors, InErrors) before/after. The crawler is pinned to CPU 0; the
 sidecar, the HTTP servers, the proxy and nsd to CPU 1. The crawler uses the plain asyncio loop.
 
-    python -m bench.crawler_burst [--rounds 3] [--hosts 500] [--delay-ms 50]
+    python -m bench.crawler_burst [--rounds 3] [--hosts 500] [--delay-ms 50] [--timeline]
+
+With --timeline every request is traced (when its lookup started and ended, when it connected)
+and each scenario logs those percentiles: where a burst's time goes, at some cost in crawler CPU.
 """
 
 from __future__ import annotations
@@ -76,11 +79,35 @@ def serve_http(ips: list[str], port: int) -> None:
 # the crawl
 
 
-async def crawl(urls: list[str], connector, timeout_s: float = 30.0) -> dict:
+TIMELINE_QUANTILES = (0, 10, 50, 90, 99)
+
+
+def _tracer(t0: list[float], marks: dict[str, list[float]]):
+    """An aiohttp TraceConfig noting, per request, when its DNS lookup started and ended and
+    when its connection was made (seconds since the burst started)."""
+    import aiohttp
+
+    def note(what: str):
+        async def on(_session, _ctx, _params) -> None:
+            marks[what].append(time.perf_counter() - t0[0])
+        return on
+
+    tc = aiohttp.TraceConfig()
+    tc.on_dns_resolvehost_start.append(note("dns_start"))
+    tc.on_dns_resolvehost_end.append(note("dns_end"))
+    tc.on_connection_create_end.append(note("connected"))
+    return tc
+
+
+async def crawl(urls: list[str], connector, timeout_s: float = 30.0,
+                timeline: bool = False) -> dict:
     import aiohttp
 
     ttfb: list[float] = []
     errors: collections.Counter[str] = collections.Counter()
+    t0 = [time.perf_counter()]
+    marks: dict[str, list[float]] = collections.defaultdict(list)
+    traces = [_tracer(t0, marks)] if timeline else []
 
     async def one(session: aiohttp.ClientSession, url: str) -> None:
         t0 = time.perf_counter()
@@ -93,12 +120,17 @@ async def crawl(urls: list[str], connector, timeout_s: float = 30.0) -> dict:
         except Exception as e:  # noqa: BLE001 - every failure is counted by class
             errors[type(e).__name__] += 1
 
-    t0 = time.perf_counter()
-    async with aiohttp.ClientSession(connector=connector,
+    t0[0] = time.perf_counter()
+    async with aiohttp.ClientSession(connector=connector, trace_configs=traces,
                                      timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
         await asyncio.gather(*(one(session, u) for u in urls))
-        wall = time.perf_counter() - t0
+        wall = time.perf_counter() - t0[0]
+    if timeline:
+        marks["ttfb"] = list(ttfb)
+    timeline_ms = {k: [round(common.pct(v, q) * 1e3, 1) for q in TIMELINE_QUANTILES]
+                   for k, v in marks.items() if v}
     return {
+        "timeline_ms": timeline_ms or None,
         "requests": len(urls),
         "ok": len(ttfb),
         "errors": sum(errors.values()),
@@ -112,7 +144,7 @@ async def crawl(urls: list[str], connector, timeout_s: float = 30.0) -> dict:
     }
 
 
-async def scenario(kind: str, hosts: list[str], limit: int) -> dict:
+async def scenario(kind: str, hosts: list[str], limit: int, timeline: bool = False) -> dict:
     import aiohttp
     from aiohttp.resolver import ThreadedResolver
 
@@ -136,7 +168,7 @@ async def scenario(kind: str, hosts: list[str], limit: int) -> dict:
             extra["prewarm_s"] = time.perf_counter() - t0
             extra["prewarm_result"] = str(res)[:300]
     u0 = common.udp_counters()
-    r = await crawl(urls, conn)
+    r = await crawl(urls, conn, timeline=timeline)
     u1 = common.udp_counters()
     r.update(extra)
     r["udp_rcvbuf_errors"] = u1.get("RcvbufErrors", 0) - u0.get("RcvbufErrors", 0)
@@ -198,7 +230,7 @@ def inner(a: argparse.Namespace) -> dict:
                 if s == "B-cold":
                     cold_b = hosts
                 cpu0 = _cpu_by_role(sidecar, proxy, http, nsd)
-                r = asyncio.run(scenario(s, hosts, a.limit))
+                r = asyncio.run(scenario(s, hosts, a.limit, a.timeline))
                 cpu1 = _cpu_by_role(sidecar, proxy, http, nsd)
                 r["cpu_s"] = {k: round(cpu1[k] - cpu0[k], 3) for k in cpu1}
                 ttfb = r.pop("_ttfb")
@@ -209,6 +241,9 @@ def inner(a: argparse.Namespace) -> dict:
                 common.log(f"crawler_burst round {rnd} {s}: p50 {r['ttfb_p50_ms'] or 0:.1f} ms, "
                            f"p99 {r['ttfb_p99_ms'] or 0:.1f} ms, wall {r['wall_s']:.2f} s, "
                            f"errors {r['errors']} {r['error_classes']}, drops {r['udp_rcvbuf_errors']}")
+                if r.get("timeline_ms"):
+                    common.log(f"  timeline ms (p{'/p'.join(map(str, TIMELINE_QUANTILES))}): "
+                               + "; ".join(f"{k} {v}" for k, v in r["timeline_ms"].items()))
                 time.sleep(0.2)
         out["upstream_queries"] = peers.proxy_counts(proxy)["total"]
         if sidecar is not None:
@@ -223,7 +258,8 @@ def inner(a: argparse.Namespace) -> dict:
     return out
 
 
-def run(rounds: int = 3, hosts: int = 500, delay_ms: float = 50.0, limit: int = 500) -> dict:
+def run(rounds: int = 3, hosts: int = 500, delay_ms: float = 50.0, limit: int = 500,
+        timeline: bool = False) -> dict:
     """Create the namespace, run `inner` in it, delete it."""
     ns = f"dnsbench{os.getpid()}"
     etc = Path(f"/etc/netns/{ns}")
@@ -236,7 +272,8 @@ def run(rounds: int = 3, hosts: int = 500, delay_ms: float = 50.0, limit: int = 
         subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
         argv = ["ip", "netns", "exec", ns, common.python_exe(), "-m", "bench.crawler_burst",
                 "--inner", "--rounds", str(rounds), "--hosts", str(hosts),
-                "--delay-ms", str(delay_ms), "--limit", str(limit)]
+                "--delay-ms", str(delay_ms), "--limit", str(limit)] + (
+                    ["--timeline"] if timeline else [])
         env = dict(os.environ, BENCH_BASE_PORT=str(peers.BASE_PORT))
         p = subprocess.run(argv, cwd=str(common.REPO_DIR), env=env, stdout=subprocess.PIPE,
                            text=True, timeout=600 + rounds * 120)
@@ -280,6 +317,11 @@ def main() -> None:
     ap.add_argument("--hosts", type=int, default=500)
     ap.add_argument("--delay-ms", type=float, default=50.0)
     ap.add_argument("--limit", type=int, default=500, help="TCPConnector limit, same for A, B and C")
+    ap.add_argument("--timeline", action="store_true",
+                    help="trace every request (aiohttp TraceConfig): when its DNS lookup "
+                         "started and ended and when it connected; percentiles per scenario. "
+                         "The tracing costs the crawler CPU, so results go to "
+                         "crawler_burst_timeline.json, not the published file")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--serve-http", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -291,8 +333,8 @@ def main() -> None:
         res = inner(a)
         sys.stdout.write(json.dumps(res, default=str) + "\n")
         return
-    res = run(a.rounds, a.hosts, a.delay_ms, a.limit)
-    print(common.save_json("crawler_burst", res))
+    res = run(a.rounds, a.hosts, a.delay_ms, a.limit, a.timeline)
+    print(common.save_json("crawler_burst_timeline" if a.timeline else "crawler_burst", res))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ what is measured is the sidecar's own work. The sidecar (pinned to CPU 1) gets d
 never-seen names, half A and half AAAA:
 
 * sequential: one query at a time, median and p90 latency (client in the same process);
-* burst: ``--burst`` queries sent at once; process CPU per miss (all threads, including
-  c-ares' event thread) and main-thread CPU per miss.
+* burst: ``--burst`` queries sent at once; process CPU per miss (all threads: c-ares' event
+  thread, where a channel still has one) and main-thread CPU per miss.
 
     python bench/miss_micro.py [--burst 1000] [--rounds 3]
 """

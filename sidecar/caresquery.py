@@ -13,9 +13,11 @@ one core, upstream answering at once): 445-543 us of sidecar CPU per miss with `
 SOA lookups and dnslib; 162-200 us with this module and the other miss-path changes of the
 same session (wire-level entries, tries as futures).
 
-The callback runs on c-ares' event thread (pycares 5 default) and hands the parsed records
-to the event loop with ``call_soon_threadsafe``; the record pointer is only valid inside
-the callback, so parsing happens there. If pycares's internals are not what this expects,
+The cffi callback runs where c-ares processes the reply: on the event loop for the sidecar's
+loop-driven channels (:class:`sidecar.cares.LoopResolver`), where it calls the caller's
+``done`` at once, or on c-ares' event thread for a default aiodns channel, from where it hands
+the records over with ``call_soon_threadsafe``. The record pointer is only valid inside the
+callback, so parsing happens there. If pycares's internals are not what this expects,
 :data:`AVAILABLE` is False and callers use ``query_dns`` (answers stay correct; negative
 answers then need the SOA lookup).
 """
@@ -23,7 +25,9 @@ answers then need the SOA lookup).
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
+from collections.abc import Callable
 from threading import get_ident
 from typing import Any
 
@@ -31,6 +35,8 @@ import pycares
 
 from .encode import Rec, rdata_from_pycares
 from .wire import encode_name
+
+log = logging.getLogger("sidecar.upstream")
 
 _ffi: Any = getattr(pycares, "_ffi", None)
 _lib: Any = getattr(pycares, "_lib", None)
@@ -123,18 +129,20 @@ def _section(dnsrec: Any, section: int) -> list[Rec]:
     return out
 
 
-def _settle(fut: asyncio.Future, status: int, sections: Any) -> None:
-    if not fut.done():
-        fut.set_result((status, sections))
+def _deliver(done: Callable[[int, Any], None], status: int, sections: Any) -> None:
+    try:
+        done(status, sections)
+    except Exception:  # pragma: no cover - the callback must not raise; never lose the loop
+        log.exception("c-ares reply callback failed")
 
 
 def _on_reply(arg: Any, status: int, timeouts: int, dnsrec: Any) -> None:
-    # Runs on c-ares' thread; an exception here would only be printed by cffi, so none escapes.
+    # An exception here would only be printed by cffi, so none escapes.
     try:
         box = _pending.pop(int(_ffi.cast("uintptr_t", arg)), None)
         if box is None:
             return
-        loop, fut, thread = box[0], box[1], box[3]
+        loop, done, thread = box[0], box[1], box[3]
         sections = None
         if status in _WITH_REPLY and dnsrec != _ffi.NULL:
             try:
@@ -143,9 +151,9 @@ def _on_reply(arg: Any, status: int, timeouts: int, dnsrec: Any) -> None:
             except Exception:
                 status = EBADRESP
         if get_ident() == thread:
-            _settle(fut, status, sections)  # loop-driven channel: already on the loop
+            _deliver(done, status, sections)  # loop-driven channel: already on the loop
         else:
-            loop.call_soon_threadsafe(_settle, fut, status, sections)
+            loop.call_soon_threadsafe(_deliver, done, status, sections)
     except Exception:  # pragma: no cover - loop closed under a late reply at shutdown
         pass
 
@@ -155,14 +163,15 @@ _callback = (_ffi.callback("void(void *, ares_status_t, size_t, const ares_dns_r
                            _on_reply) if AVAILABLE else None)
 
 
-def submit(channel: pycares.Channel, name: str, qtype: int) -> asyncio.Future:
-    """Send ``name``/``qtype`` (class IN) on ``channel``; the future gets ``(status,
-    sections)`` where ``status`` is a c-ares code (0 ok, 1 NODATA, 4 NXDOMAIN, ...) and
-    ``sections`` is ``(answer, authority)`` lists of :class:`~sidecar.encode.Rec` for the
-    first three, else None. Raises ``RuntimeError`` if the channel is closed."""
-    loop = asyncio.get_running_loop()
-    fut = loop.create_future()
-    box = [loop, fut, None, get_ident()]
+def submit(channel: pycares.Channel, name: str, qtype: int,
+           done: Callable[[int, Any], None]) -> None:
+    """Send ``name``/``qtype`` (class IN) on ``channel``; ``done(status, sections)`` is called
+    once, on the event loop's thread, where ``status`` is a c-ares code (0 ok, 1 NODATA,
+    4 NXDOMAIN, ...) and ``sections`` is ``(answer, authority)`` lists of
+    :class:`~sidecar.encode.Rec` for the first three, else None. A callback, not a future:
+    the reply is handled in the same loop pass that read it. ``done`` must not raise. Raises
+    ``RuntimeError`` if the channel is closed (``done`` is then never called)."""
+    box = [asyncio.get_running_loop(), done, None, get_ident()]
     handle = _ffi.new_handle(box)
     box[2] = handle
     key = int(_ffi.cast("uintptr_t", handle))
@@ -174,8 +183,6 @@ def submit(channel: pycares.Channel, name: str, qtype: int) -> asyncio.Future:
     except BaseException:
         _pending.pop(key, None)
         raise
-    if status != OK:
-        # c-ares may or may not have called back already; either way this is the answer.
-        _pending.pop(key, None)
-        _settle(fut, status, None)
-    return fut
+    if status != OK and _pending.pop(key, None) is not None:
+        # Refused at once and c-ares did not call back: this is the answer.
+        _deliver(done, status, None)

@@ -26,7 +26,7 @@ errlog = logging.getLogger("sidecar.resolver_errors")
 # c-ares status codes (pycares.errno) -> what they mean for us.
 _OK = 0
 _ENODATA, _ESERVFAIL, _ENOTFOUND, _EREFUSED, _EBADNAME = 1, 3, 4, 6, 8
-_ECONNREFUSED, _ETIMEOUT, _ECANCELLED = 11, 12, 24
+_EBADRESP, _ECONNREFUSED, _ETIMEOUT, _ECANCELLED = 10, 11, 12, 24
 _FAILURE_KINDS = {_ESERVFAIL: "servfail", _EREFUSED: "refused", _ECONNREFUSED: "unreachable",
                   _ETIMEOUT: "timeout"}
 #: Failures that say the server itself is not usable (they count towards quarantine).
@@ -36,9 +36,39 @@ NETWORK_FAILURES = frozenset(("timeout", "unreachable"))
 #: At most one resolver-error log line per server and kind in this many seconds.
 LOG_EVERY = 1.0
 
-def _expire(fut: asyncio.Future) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError())
+#: Stands for "no answer within the try's timeout" where a c-ares status is expected.
+_TIMED_OUT = -1
+
+
+def _fallback_result(fut: asyncio.Future) -> tuple[int, Any]:
+    """(code, sections) of a finished ``_ask_query_dns`` task."""
+    if fut.cancelled():
+        return _ECANCELLED, None
+    if fut.exception() is not None:
+        return _EBADRESP, None
+    return fut.result()
+
+
+class _Try:
+    """One query to one server in flight: ``out`` gets its outcome, from c-ares' reply
+    (``reply``) or from the timer (``expire``), whichever comes first."""
+
+    __slots__ = ("name", "out", "qtype", "t0", "timeout", "timer", "upstream")
+
+    def __init__(self, upstream: Upstream, out: asyncio.Future, name: str, qtype: int,
+                 timeout: float) -> None:
+        self.upstream, self.out, self.name, self.qtype = upstream, out, name, qtype
+        self.timeout = timeout
+        self.t0 = time.monotonic()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def reply(self, code: int, sections: Any) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.upstream._complete(self, code, sections)
+
+    def expire(self) -> None:
+        self.upstream._complete(self, _TIMED_OUT, None)
 
 
 OUTCOMES = ("ok", "nxdomain", "nodata", "servfail", "refused", "timeout", "unreachable", "error")
@@ -112,8 +142,9 @@ class Upstream:
     def start(self, name: str, qtype: int, timeout: float | None = None) -> asyncio.Future:
         """Send one try now; the future gets the :class:`Answer` or an :class:`UpstreamError`.
 
-        A future, not a task: the pool runs and races tries without a task per try.
-        Cancelling the future only stops waiting (the c-ares query ends by itself).
+        A future, not a task: the pool runs and races tries without a task per try, and the
+        reply settles it in the same loop pass that read it. Cancelling the future only stops
+        waiting (the c-ares query ends by itself).
         """
         timeout = self.timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
@@ -121,19 +152,19 @@ class Upstream:
         self.queries += 1
         self.inflight += 1
         out.add_done_callback(self._try_ended)
-        t0 = time.monotonic()
+        attempt = _Try(self, out, name, qtype, timeout)
         try:
             resolver = self.resolver
             if caresquery.AVAILABLE:
-                inner = caresquery.submit(resolver._channel, name, qtype)
-                timer = loop.call_later(timeout, _expire, inner)
+                attempt.timer = loop.call_later(timeout, attempt.expire)
+                caresquery.submit(resolver._channel, name, qtype, attempt.reply)
             else:
                 inner = asyncio.ensure_future(self._ask_query_dns(resolver, name, qtype, timeout))
-                timer = None
+                inner.add_done_callback(lambda f: self._complete(attempt, *_fallback_result(f)))
         except (RuntimeError, UpstreamError):
+            if attempt.timer is not None:
+                attempt.timer.cancel()
             out.set_exception(UpstreamError("closed", "channel closed", self.address))
-            return out
-        inner.add_done_callback(lambda f: self._settle(f, out, timer, name, qtype, t0, timeout))
         return out
 
     def _try_ended(self, _out: asyncio.Future) -> None:
@@ -144,26 +175,21 @@ class Upstream:
                     fut.set_result(None)
             self._idle_waiters = []
 
-    def _settle(self, inner: asyncio.Future, out: asyncio.Future, timer: Any, name: str,
-                qtype: int, t0: float, timeout: float) -> None:
-        if timer is not None:
-            timer.cancel()
+    def _complete(self, attempt: _Try, code: int, sections: Any) -> None:
+        out = attempt.out
         if out.done():
-            return  # cancelled at shutdown: nobody waits, and the outcome says nothing
+            return  # timed out already, or cancelled at shutdown: nobody waits for this
         try:
-            out.set_result(self._outcome(inner, name, qtype, t0, timeout))
+            out.set_result(self._outcome(code, sections, attempt))
         except UpstreamError as exc:
             out.set_exception(exc)
 
-    def _outcome(self, inner: asyncio.Future, name: str, qtype: int, t0: float,
-                 timeout: float) -> Answer:
-        elapsed = time.monotonic() - t0
-        exc = None if inner.cancelled() else inner.exception()
-        if inner.cancelled() or isinstance(exc, TimeoutError):
-            raise self._fail("timeout", f"no answer in {timeout:.3g}s", name, qtype, elapsed)
-        if exc is not None:
-            raise exc
-        code, sections = inner.result()
+    def _outcome(self, code: int, sections: Any, attempt: _Try) -> Answer:
+        elapsed = time.monotonic() - attempt.t0
+        name, qtype = attempt.name, attempt.qtype
+        if code == _TIMED_OUT:
+            raise self._fail("timeout", f"no answer in {attempt.timeout:.3g}s", name, qtype,
+                             elapsed)
         answer, authority = sections or ((), ())
         if code == _OK:
             self._ok("ok", elapsed)
@@ -193,8 +219,10 @@ class Upstream:
         try:
             result = await asyncio.wait_for(resolver.query_dns(name, FORWARDABLE[qtype]),
                                             timeout)
+        except TimeoutError:
+            return _TIMED_OUT, None
         except DNSError as exc:
-            return (exc.args[0] if exc.args else -1), None
+            return (exc.args[0] if exc.args else _EBADRESP), None
         recs = [r for r in map(rec_from_pycares, result.answer) if r is not None]
         auth = [r for r in map(rec_from_pycares, result.authority) if r is not None]
         return _OK, (recs, auth)
