@@ -124,7 +124,7 @@ _QNAME_PTR = b"\xc0\x0c"
 
 
 def build_entry(key: bytes, qtype: int, answer: Answer, soa: Rec | None,
-                policy: TtlPolicy, now: float) -> RawEntry:
+                policy: TtlPolicy, now: float, qtext: str | None = None) -> RawEntry:
     """Encode ``answer`` as a raw cache entry for ``key`` (one that is already expired when
     nothing may be cached, TTL 0: it still answers the queries waiting for it).
 
@@ -132,7 +132,9 @@ def build_entry(key: bytes, qtype: int, answer: Answer, soa: Rec | None,
     answer's authority section, else None. Data TTLs are clamped to [min_ttl, max_ttl];
     negative answers live for the SOA's negative TTL; the entry expires with its shortest
     TTL. Owner names equal to the question are written as a pointer to it (so the client's
-    0x20 case shows through); other names are written in full.
+    0x20 case shows through); other names are written in full. ``qtext``, the question's
+    name as :func:`~sidecar.wire.qname_text` gives it, spares encoding owner names that are
+    the question.
     """
     qname = key[:-4]
     parts: list[bytes] = []
@@ -142,9 +144,12 @@ def build_entry(key: bytes, qtype: int, answer: Answer, soa: Rec | None,
 
     def add(rec: Rec, ttl: int) -> None:
         nonlocal pos
-        owner = encode_name(rec.name)
-        if owner.lower() == qname:
+        if qtext is not None and rec.name.lower() == qtext:
             owner = _QNAME_PTR
+        else:
+            owner = encode_name(rec.name)
+            if owner.lower() == qname:
+                owner = _QNAME_PTR
         fixed = RR_FIXED.pack(rec.type, 1, ttl, len(rec.rdata))
         parts.append(owner + fixed + rec.rdata)
         offsets.append(pos + len(owner) + 4)

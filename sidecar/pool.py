@@ -58,7 +58,9 @@ class Pool:
         return sum(1 for u in self.upstreams if u.health.healthy)
 
     def order(self) -> list[Upstream]:
-        """Servers in the order a query tries them."""
+        """Servers in the order a query tries them (do not modify the list)."""
+        if len(self.upstreams) == 1:
+            return self.upstreams
         good, suspect, sick = [], [], []
         for u in self.upstreams:
             h = u.health

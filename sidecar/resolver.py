@@ -149,7 +149,7 @@ class Resolver:
         finally:
             self._slots.release()
         now = time.monotonic()
-        entry = build_entry(key, qtype, answer, soa, self.policy, now)
+        entry = build_entry(key, qtype, answer, soa, self.policy, now, name)
         if entry[EXPIRES] > now:
             self.cache.put(key, entry)
         else:
