@@ -14,7 +14,9 @@ Channels are driven by the event loop (:class:`LoopResolver`), not by c-ares' ow
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 import sys
 import threading
 import weakref
@@ -61,6 +63,10 @@ TIMER_TICK = 0.25
 UPSTREAM_RCVBUF = 4 * 1024 * 1024
 
 
+#: c-ares ``ARES_AI_NUMERICSERV`` (ares.h; pycares exposes it only on its cffi ``lib``).
+ARES_AI_NUMERICSERV = getattr(getattr(pycares, "_lib", None), "ARES_AI_NUMERICSERV", 8)
+
+
 class LoopResolver(aiodns.DNSResolver):
     """An aiodns resolver whose c-ares sockets are watched by the event loop.
 
@@ -81,6 +87,21 @@ class LoopResolver(aiodns.DNSResolver):
     """
 
     loop_driven = False
+
+    def getaddrinfo(self, host: str, family: socket.AddressFamily = socket.AF_UNSPEC,
+                    port: int | None = None, proto: int = 0, type: int = 0,
+                    flags: int = 0) -> asyncio.Future:
+        """aiodns's ``getaddrinfo``; an ``int`` port is passed as a numeric service.
+
+        pycares hands c-ares the port as a string, and without ``ARES_AI_NUMERICSERV``
+        c-ares first looks it up as a service name, i.e. glibc reads and parses
+        /etc/services on every lookup. Measured through the client (1,000 lookups at once,
+        4 rounds): 145-154 us of crawler CPU per lookup without the flag, 94-113 us with it.
+        """
+        if isinstance(port, int):
+            flags |= ARES_AI_NUMERICSERV
+        return super().getaddrinfo(host, family=family, port=port, proto=proto, type=type,
+                                   flags=flags)
 
     def _make_channel(self, **kwargs: Any) -> tuple[bool, pycares.Channel]:
         if not hasattr(self, "_sock_state_cb") or sys.platform == "win32":  # pragma: no cover

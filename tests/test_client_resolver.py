@@ -72,6 +72,9 @@ async def test_sidecar_resolver_channel_is_driven_by_the_event_loop(side):
         names = [f"crawl{i}.example.test" for i in range(20, 40)]
         got = await asyncio.gather(*(r.resolve(n, 80, socket.AF_INET) for n in names))
         assert [a[0]["host"] for a in got] == [f"127.0.0.{i + 1}" for i in range(20, 40)]
+        # The port goes to c-ares as a numeric service (no /etc/services lookup).
+        for port in (8443, 80, 0):
+            assert (await r.resolve(names[0], port, socket.AF_INET))[0]["port"] == port
     finally:
         await r.close()
         await plain.close()
