@@ -347,6 +347,24 @@ async def test_tcp_pipelined_queries_on_one_connection(sidecar):
     assert got[102].rcode() == dns.rcode.NXDOMAIN
 
 
+async def test_tcp_client_gone_mid_miss_leaves_the_shared_fetch_running(make_sidecar, upstream):
+    # Clients waiting for a miss are answered from a callback on the shared fetch: one that
+    # goes away must not cancel it for the others, nor count as an error.
+    sc = await make_sidecar()
+    upstream.name_latency = {"www.example.test": 0.3}
+    seen = upstream.queries
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.port)
+    wire = dns.message.make_query("www.example.test", "A").to_wire()
+    writer.write(len(wire).to_bytes(2, "big") + wire)
+    await writer.drain()
+    await upstream.wait_for_queries(seen + 1)
+    writer.close()  # gone before its answer
+    r = await sc.query("www.example.test")  # joins the fetch in flight
+    assert r.rcode() == dns.rcode.NOERROR and r.answer
+    assert upstream.count("www.example.test") == 1
+    assert sc.sc.tcp[0].errors == 0 and sc.sc.udp[0].errors == 0
+
+
 async def test_tcp_idle_connection_closed(make_sidecar):
     sc = await make_sidecar(tcp_idle_timeout=0.2)
     reader, writer = await asyncio.open_connection("127.0.0.1", sc.port)
