@@ -67,7 +67,12 @@ class UdpListener(asyncio.DatagramProtocol):
         if type(reply) is bytes:
             self.transport.sendto(reply, addr)  # type: ignore[union-attr]
             return
-        fut = reply.start()  # type: ignore[union-attr]
+        try:
+            fut = reply.start()  # type: ignore[union-attr]
+        except Exception:  # never let one query take the listener down
+            self.errors += 1
+            log.exception("miss path failed for a UDP query from %s", addr[0])
+            return
         _track(self.pending, fut)
         fut.add_done_callback(partial(self._answer, reply, addr))
 
@@ -169,7 +174,13 @@ class TcpConnection(asyncio.Protocol):
         if self.pending >= TCP_MAX_PENDING and not self.paused_reading and self.transport:
             self.transport.pause_reading()
             self.paused_reading = True
-        fut = reply.start()  # type: ignore[union-attr]
+        try:
+            fut = reply.start()  # type: ignore[union-attr]
+        except Exception:  # never let one query take the connection down
+            self.pending -= 1
+            self.server.errors += 1
+            log.exception("miss path failed for a TCP query from %s", self.host)
+            return
         _track(self.server.pending, fut)
         fut.add_done_callback(partial(self._answer, reply))
 

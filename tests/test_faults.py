@@ -18,8 +18,11 @@ import time
 from pathlib import Path
 
 import aiohttp
+import dns.exception
+import dns.message
 import dns.rcode
 import dns.rdatatype
+import pytest
 
 from tests.helpers import hp, upstream_obj
 
@@ -297,6 +300,34 @@ async def test_stop_leaves_no_upstream_try_running(make_sidecar, upstream):
         client.cancel()
         with contextlib.suppress(BaseException):
             await client
+
+
+async def test_a_failing_miss_path_costs_one_answer_not_the_listener(make_sidecar, upstream,
+                                                                     monkeypatch):
+    # A bug that raises when a miss starts must not close the UDP socket or the TCP
+    # connection: that query goes unanswered (counted as an error), the next ones are served.
+    sc = await make_sidecar()
+    assert (await sc.query("www.example.test")).answer  # cached before the fault
+    resolver = sc.sc.resolver
+
+    def broken(key: bytes):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(resolver, "lookup", broken)
+    with pytest.raises(dns.exception.Timeout):
+        await sc.query("mail.example.test", timeout=0.5)
+    assert sc.sc.udp[0].errors == 1
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.port)
+    for name in ("mail.example.test", "www.example.test"):  # a miss that fails, then a hit
+        wire = dns.message.make_query(name, "A", id=7).to_wire()
+        writer.write(len(wire).to_bytes(2, "big") + wire)
+    size = int.from_bytes(await asyncio.wait_for(reader.readexactly(2), 5), "big")
+    reply = dns.message.from_wire(await reader.readexactly(size))
+    assert reply.answer and str(reply.question[0].name) == "www.example.test."
+    writer.close()
+    assert sc.sc.tcp[0].errors == 1
+    monkeypatch.undo()
+    assert (await sc.query("mail.example.test")).answer  # the UDP listener still serves
 
 
 # ------------------------------------------------------------------------------- fuzz
