@@ -134,7 +134,8 @@ def make_resolver(server: str, timeout: float, tries: int = 3,
     """An aiodns resolver for one upstream ``server`` ("ip:port" or "[v6]:port").
 
     c-ares retransmits within our per-try deadline (``tries`` packets, dynamic timeouts capped
-    at ``timeout``); the sidecar enforces the deadline itself with ``asyncio.wait_for``.
+    at ``timeout``); the sidecar enforces the deadline itself (a loop timer per try, see
+    ``upstream._Try``). ``loop_driven`` picks :class:`LoopResolver` (default) or aiodns's own.
     """
     global qcache_disabled
     kwargs: dict[str, Any] = {
