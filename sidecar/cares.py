@@ -86,7 +86,10 @@ class LoopResolver(aiodns.DNSResolver):
     proactor loop has no ``add_reader``) it is a plain aiodns resolver on the event thread.
     """
 
-    loop_driven = False
+    @property
+    def loop_driven(self) -> bool:
+        """True when the event loop, not a c-ares thread, watches the sockets."""
+        return not getattr(self, "_event_thread", True)
 
     def getaddrinfo(self, host: str, family: socket.AddressFamily = socket.AF_UNSPEC,
                     port: int | None = None, proto: int = 0, type: int = 0,
@@ -113,9 +116,7 @@ class LoopResolver(aiodns.DNSResolver):
             if this is not None:
                 this._sock_state_cb(fd, readable, writable)
 
-        channel = pycares.Channel(sock_state_cb=on_socket, timeout=self._timeout, **kwargs)
-        self.loop_driven = True
-        return False, channel
+        return False, pycares.Channel(sock_state_cb=on_socket, timeout=self._timeout, **kwargs)
 
     def _start_timer(self) -> None:
         if not self.loop_driven:  # pragma: no cover - aiodns changed
@@ -129,13 +130,12 @@ class LoopResolver(aiodns.DNSResolver):
 
 
 def make_resolver(server: str, timeout: float, tries: int = 3,
-                  rcvbuf: int | None = UPSTREAM_RCVBUF,
-                  loop_driven: bool = True) -> aiodns.DNSResolver:
+                  rcvbuf: int | None = UPSTREAM_RCVBUF) -> aiodns.DNSResolver:
     """An aiodns resolver for one upstream ``server`` ("ip:port" or "[v6]:port").
 
     c-ares retransmits within our per-try deadline (``tries`` packets, dynamic timeouts capped
     at ``timeout``); the sidecar enforces the deadline itself (a loop timer per try, see
-    ``upstream._Try``). ``loop_driven`` picks :class:`LoopResolver` (default) or aiodns's own.
+    ``upstream._Try``). The channel is a :class:`LoopResolver`.
     """
     global qcache_disabled
     kwargs: dict[str, Any] = {
@@ -152,22 +152,21 @@ def make_resolver(server: str, timeout: float, tries: int = 3,
     }
     if rcvbuf:
         kwargs["socket_receive_buffer_size"] = rcvbuf
-    cls = LoopResolver if loop_driven else aiodns.DNSResolver
     with _lock:
         real = getattr(pycares, "_lib", None)
         if real is None or not hasattr(real, "ares_init_options"):
             if qcache_disabled is None:
                 log.warning("pycares internals changed: c-ares query cache stays on")
             qcache_disabled = False
-            return cls(**kwargs)
+            return LoopResolver(**kwargs)
         pycares._lib = _OptionsLib(real, int(timeout * 1000))
         try:
-            resolver = cls(**kwargs)
+            resolver = LoopResolver(**kwargs)
             qcache_disabled = True
         except Exception as exc:  # pragma: no cover - depends on the installed pycares
             log.warning("cannot disable the c-ares query cache (%s); using a plain channel", exc)
             pycares._lib = real
-            resolver = cls(**kwargs)
+            resolver = LoopResolver(**kwargs)
             qcache_disabled = False
         finally:
             pycares._lib = real

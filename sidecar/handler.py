@@ -54,28 +54,25 @@ _ONE_Q = b"\x00\x01\x00\x00\x00\x00\x00\x00"
 _ONE_Q_OPT = b"\x00\x01\x00\x00\x00\x00\x00\x01"
 
 
-
 class PendingReply:
     """A miss. Nothing happens until ``start()``, which begins (or joins) the fetch for its
     key and returns that future: shared with every client asking for the same key, so never
-    cancel it. Once it is done, ``reply()`` renders this client's answer (None: stay
+    cancel it. Once it is done, ``reply(fut)`` renders this client's answer (None: stay
     silent). Dropping an unstarted PendingReply costs nothing."""
 
-    __slots__ = ("data", "fut", "handler", "q", "tcp")
+    __slots__ = ("data", "handler", "q", "tcp")
 
     def __init__(self, handler: QueryHandler, data: bytes, q: ParsedQuery, tcp: bool) -> None:
         self.handler, self.data, self.q, self.tcp = handler, data, q, tcp
-        self.fut: asyncio.Future | None = None
 
     def start(self) -> asyncio.Future:
         """Needs the running event loop."""
-        self.fut = self.handler.resolver.lookup(self.q.key)
-        return self.fut
+        return self.handler.resolver.lookup(self.q.key)
 
-    def reply(self) -> bytes | None:
-        fut = self.fut
-        if fut is None or fut.cancelled():
-            return None  # never started, or cancelled at shutdown
+    def reply(self, fut: asyncio.Future) -> bytes | None:
+        """The answer, once ``fut`` (what ``start()`` returned) is done."""
+        if fut.cancelled():
+            return None  # cancelled at shutdown
         return self.handler._finish_miss(self.data, self.q, self.tcp, fut)
 
 

@@ -76,9 +76,9 @@ class UdpListener(asyncio.DatagramProtocol):
         _track(self.pending, fut)
         fut.add_done_callback(partial(self._answer, reply, addr))
 
-    def _answer(self, pending: PendingReply, addr: tuple, _fut: object) -> None:
+    def _answer(self, pending: PendingReply, addr: tuple, fut: asyncio.Future) -> None:
         try:
-            reply = pending.reply()
+            reply = pending.reply(fut)
         except Exception:
             self.errors += 1
             log.exception("miss path failed for a UDP query from %s", addr[0])
@@ -184,9 +184,9 @@ class TcpConnection(asyncio.Protocol):
         _track(self.server.pending, fut)
         fut.add_done_callback(partial(self._answer, reply))
 
-    def _answer(self, pending: PendingReply, _fut: object) -> None:
+    def _answer(self, pending: PendingReply, fut: asyncio.Future) -> None:
         try:
-            reply = pending.reply()
+            reply = pending.reply(fut)
         except Exception:
             self.server.errors += 1
             log.exception("miss path failed for a TCP query from %s", self.host)

@@ -100,8 +100,9 @@ class Live:
             return b""  # marker: a miss, not run
 
         async def finish() -> bytes | None:
-            await asyncio.wait_for(asyncio.shield(reply.start()), LIVE_BOUND)
-            return reply.reply()
+            fut = reply.start()
+            await asyncio.wait_for(asyncio.shield(fut), LIVE_BOUND)
+            return reply.reply(fut)
 
         return self.loop.run_until_complete(finish())
 
