@@ -7,7 +7,9 @@ script creates (`ip netns add`), which has its own loopback: the upstream listen
 scenario A reaches it while the machine's own resolver configuration is never read or touched.
 
     upstream   nsd (authoritative, bench.test) <- delay_proxy.py on 127.0.0.1:53 (+50 ms/query)
-    HTTP       aiohttp.web on 127.0.0.10-17:8080 (c<i>.crawl.bench.test -> one of them)
+    HTTP       nginx (one worker) on 127.0.0.10-17:8080 (c<i>.crawl.bench.test -> one of them);
+               --http-server aiohttp: an aiohttp.web process instead (the layout before
+               2026-12-01: Python web servers cost the sidecar's core ~5x nginx's CPU)
     A          aiohttp ThreadedResolver: getaddrinfo in the default thread pool (glibc stub,
                resolv.conf -> 127.0.0.1:53)
     B cold     client.sidecar_connector() -> dns-sidecar (uvloop) -> 127.0.0.1:53, new names
@@ -73,6 +75,38 @@ def serve_http(ips: list[str], port: int) -> None:
 
         uvloop.install()
     asyncio.run(main())
+
+
+NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 8192; multi_accept on; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    server {{
+{listen}
+        location / {{ default_type text/plain; return 200 "ok\\n"; }}
+    }}
+}}
+"""
+
+
+def start_nginx(ips: list[str], port: int, cpu: int | None):
+    """nginx (one worker) answering 200 "ok" on every ``ip:port``: the same replies as
+    :func:`serve_http`, at a fraction of the CPU (it shares a core with the sidecar)."""
+    d = common.tmpdir("nginx-")
+    listen = "\n".join(f"        listen {ip}:{port} backlog=4096;" for ip in ips)
+    conf = Path(d) / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(d=d, listen=listen))
+    return common.spawn([shutil.which("nginx") or "nginx", "-p", d, "-c", str(conf)], cpu=cpu,
+                        log=f"{d}/stdout.log")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,8 +226,11 @@ def inner(a: argparse.Namespace) -> dict:
     n_names = a.rounds * len(SCENARIOS) * a.hosts + a.hosts
     nsd = peers.start_nsd(names=10, crawl=n_names, port=5300, cpu=cpu)
     proxy = peers.start_proxy(nsd.port, delay_ms=a.delay_ms, port=UPSTREAM_PORT, cpu=cpu)
-    http = common.spawn([common.python_exe(), "-m", "bench.crawler_burst", "--serve-http"],
-                        cpu=cpu, cwd=str(common.REPO_DIR))
+    if a.http_server == "nginx":
+        http = start_nginx(zone.CRAWL_IPS, HTTP_PORT, cpu)
+    else:
+        http = common.spawn([common.python_exe(), "-m", "bench.crawler_burst", "--serve-http"],
+                            cpu=cpu, cwd=str(common.REPO_DIR))
     sidecar = None
     out: dict = {"config": {k: v for k, v in vars(a).items() if k not in ("inner", "serve_http")},
                  "scenarios": {s: [] for s in SCENARIOS}, "samples": {}}
@@ -259,7 +296,7 @@ def inner(a: argparse.Namespace) -> dict:
 
 
 def run(rounds: int = 3, hosts: int = 500, delay_ms: float = 50.0, limit: int = 500,
-        timeline: bool = False) -> dict:
+        timeline: bool = False, http_server: str | None = None) -> dict:
     """Create the namespace, run `inner` in it, delete it."""
     ns = f"dnsbench{os.getpid()}"
     etc = Path(f"/etc/netns/{ns}")
@@ -272,7 +309,8 @@ def run(rounds: int = 3, hosts: int = 500, delay_ms: float = 50.0, limit: int = 
         subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
         argv = ["ip", "netns", "exec", ns, common.python_exe(), "-m", "bench.crawler_burst",
                 "--inner", "--rounds", str(rounds), "--hosts", str(hosts),
-                "--delay-ms", str(delay_ms), "--limit", str(limit)] + (
+                "--delay-ms", str(delay_ms), "--limit", str(limit),
+                "--http-server", http_server or default_http_server()] + (
                     ["--timeline"] if timeline else [])
         env = dict(os.environ, BENCH_BASE_PORT=str(peers.BASE_PORT))
         p = subprocess.run(argv, cwd=str(common.REPO_DIR), env=env, stdout=subprocess.PIPE,
@@ -311,6 +349,10 @@ def summarize(sc: dict) -> dict:
     return s
 
 
+def default_http_server() -> str:
+    return "nginx" if shutil.which("nginx") else "aiohttp"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
@@ -322,6 +364,9 @@ def main() -> None:
                          "started and ended and when it connected; percentiles per scenario. "
                          "The tracing costs the crawler CPU, so results go to "
                          "crawler_burst_timeline.json, not the published file")
+    ap.add_argument("--http-server", choices=("nginx", "aiohttp"), default=None,
+                    help="the emulated web servers: nginx (default when installed) or "
+                         "aiohttp.web (Python, ~4x the CPU on the sidecar's core)")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--serve-http", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -333,7 +378,7 @@ def main() -> None:
         res = inner(a)
         sys.stdout.write(json.dumps(res, default=str) + "\n")
         return
-    res = run(a.rounds, a.hosts, a.delay_ms, a.limit, a.timeline)
+    res = run(a.rounds, a.hosts, a.delay_ms, a.limit, a.timeline, a.http_server)
     print(common.save_json("crawler_burst_timeline" if a.timeline else "crawler_burst", res))
 
 

@@ -206,6 +206,12 @@ def goals(r: dict) -> list[list[str]]:
         e = cb["B-cold"]["errors"]["max"]
         rows.append(["5 cold burst with zero errors", f"{f(e)} errors (worst round)",
                      verdict(e == 0)])
+    alt = r.get("crawler_burst_aiohttp", {}).get("summary", {})
+    if "B-cold" in alt and r.get("crawler_burst", {}).get("config", {}).get("http_server") == "nginx":
+        v = alt["B-cold"].get("p99_vs_A", {}).get("median")
+        if v:
+            rows.append(["5 (the same, web servers in Python on the sidecar's core)",
+                         f"{1 / v:.1f}× better", verdict(v <= 0.1)])
     if "B-prewarm" in cb:
         v = cb["B-prewarm"].get("p99_vs_floor", {}).get("median")
         if v:
@@ -218,6 +224,21 @@ def goals(r: dict) -> list[list[str]]:
         rows.append([f"6 < 400 bytes per entry (at {f(big['entries'])} entries)", f"{f(b)} B",
                      verdict(b is not None and b < 400)])
     return rows
+
+
+HTTP_SERVERS = {"nginx": "nginx, one worker", "aiohttp": "aiohttp.web on uvloop, one process"}
+
+
+def burst_table(cb: dict) -> str:
+    """The crawler burst's summary table: TTFB, wall time, errors, drops, ratios per scenario."""
+    rows = []
+    for n, s in ordered(cb["summary"]):
+        rows.append([n, rng(s["ttfb_p50_ms"], 1), rng(s["ttfb_p99_ms"], 1),
+                     rng(s["ttfb_max_ms"], 1), rng(s["wall_s"], 2), rng(s["errors"]),
+                     rng(s["udp_rcvbuf_errors"]), rng(s.get("p99_vs_A"), 3),
+                     rng(s.get("p99_vs_floor"), 2)])
+    return table(["scenario", "TTFB p50 ms", "TTFB p99 ms", "TTFB max ms", "wall s",
+                  "errors", "UDP drops", "p99 vs A", "p99 vs floor"], rows)
 
 
 def render(r: dict, img: Path, img_rel: str) -> str:
@@ -318,18 +339,12 @@ def render(r: dict, img: Path, img_rel: str) -> str:
         c = cb["config"]
         parts.append("### 5. The crawler burst\n")
         parts.append(f"{c['hosts']} distinct cold hostnames fetched at once with aiohttp "
-                     f"(TCPConnector limit {c['limit']} in every scenario) from local aiohttp.web "
-                     f"servers, upstream delayed {c['delay_ms']:g} ms per query, {c['rounds']} "
+                     f"(TCPConnector limit {c['limit']} in every scenario) from local web servers "
+                     f"({HTTP_SERVERS[c.get('http_server', 'aiohttp')]}), upstream delayed "
+                     f"{c['delay_ms']:g} ms per query, {c['rounds']} "
                      "rounds, inside a network namespace made by the suite. TTFB = request start "
                      "to response headers.\n")
-        rows = []
-        for n, s in ordered(cb["summary"]):
-            rows.append([n, rng(s["ttfb_p50_ms"], 1), rng(s["ttfb_p99_ms"], 1),
-                         rng(s["ttfb_max_ms"], 1), rng(s["wall_s"], 2), rng(s["errors"]),
-                         rng(s["udp_rcvbuf_errors"]), rng(s.get("p99_vs_A"), 3),
-                         rng(s.get("p99_vs_floor"), 2)])
-        parts.append(table(["scenario", "TTFB p50 ms", "TTFB p99 ms", "TTFB max ms", "wall s",
-                            "errors", "UDP drops", "p99 vs A", "p99 vs floor"], rows))
+        parts.append(burst_table(cb))
         roles = ("crawler", "sidecar", "delay_proxy", "http_servers", "nsd")
         cpu_rows = []
         for n, runs in ordered(cb.get("scenarios", {})):
@@ -347,6 +362,22 @@ def render(r: dict, img: Path, img_rel: str) -> str:
         if pw and pw.get("median") is not None:
             parts.append(f"\nThe pre-warm call itself (one POST /prewarm for the {c['hosts']} "
                          f"names, before the crawl, not in the TTFB): {rng(pw, 2, ' s')}.")
+        alt = r.get("crawler_burst_aiohttp")
+        if alt and alt.get("summary") and c.get("http_server") == "nginx":
+            ac = alt["config"]
+            parts.append(f"\nThe same burst in the same run with the web servers in Python "
+                         f"({HTTP_SERVERS['aiohttp']}; {ac['rounds']} rounds), the layout of "
+                         "the runs before 2026-12-01 (they share CPU 1 with the sidecar):\n")
+            parts.append(burst_table(alt))
+            def http_cpu(res: dict) -> float | None:
+                runs = [x for x in res.get("scenarios", {}).get("B-cold", []) if x.get("cpu_s")]
+                return (statistics.median(x["cpu_s"]["http_servers"] for x in runs)
+                        if runs else None)
+
+            py, ng = http_cpu(alt), http_cpu(cb)
+            if py is not None and ng is not None:
+                parts.append(f"\nWeb servers' CPU during B-cold (median): {f(py, 2)} s in "
+                             f"Python, {f(ng, 2)} s for nginx.")
         if cb.get("samples"):
             plot_cdf(cb["samples"], img / "crawler_burst.png",
                      f"crawler burst: TTFB of {c['hosts']} concurrent fetches (round 1)",

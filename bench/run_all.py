@@ -129,8 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     if "crawler_burst" in only:
         common.log("=== crawler_burst")
         try:
-            res = crawler_burst.run(rounds, 100 if smoke else 500, 50.0)
-            common.save_json("crawler_burst", res)
+            hosts = 100 if smoke else 500
+            main_server = crawler_burst.default_http_server()
+            common.save_json("crawler_burst", crawler_burst.run(rounds, hosts, 50.0,
+                                                                http_server=main_server))
+            if main_server == "nginx":
+                # The earlier layout (web servers in Python), same run, for comparison.
+                common.save_json("crawler_burst_aiohttp", crawler_burst.run(
+                    rounds, hosts, 50.0, http_server="aiohttp"))
         except Exception:
             failures.append("crawler_burst")
             traceback.print_exc()

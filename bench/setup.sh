@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what the benchmark suite needs; safe to run again (idempotent).
-#   Debian packages: dnsperf (with resperf), dnsmasq-base, unbound, nsd, iproute2, dnsutils,
+#   Debian packages: dnsperf (with resperf), dnsmasq-base, unbound, nsd, nginx-light (the
+#                    crawler burst's web servers), iproute2, dnsutils,
 #                    procps, util-linux (taskset)
 #   Python: matplotlib and py-spy into the given interpreter's environment
 # Usage: sudo bash bench/setup.sh [PYTHON]      (PYTHON defaults to python3; pass the venv's)
@@ -10,7 +11,7 @@ set -euo pipefail
 
 PY="${1:-python3}"
 
-pkgs=(dnsperf dnsmasq-base unbound nsd iproute2 dnsutils procps util-linux)
+pkgs=(dnsperf dnsmasq-base unbound nsd nginx-light iproute2 dnsutils procps util-linux)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -23,7 +24,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 # The packaged services must not hold ports or answer anything: stop them if systemd started them.
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-    for s in unbound nsd dnsmasq; do
+    for s in unbound nsd dnsmasq nginx; do
         systemctl is-active --quiet "$s" 2>/dev/null && { systemctl stop "$s" || true; }
     done
 fi
@@ -35,7 +36,7 @@ fi
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 "$PY" -c "import sidecar, uvloop" 2>/dev/null || "$PY" -m pip install -q -e "$REPO[fast]"
 
-for t in dnsperf resperf nsd dnsmasq unbound taskset ip; do
+for t in dnsperf resperf nsd dnsmasq unbound nginx taskset ip; do
     command -v "$t" >/dev/null || { echo "setup: $t still missing" >&2; exit 1; }
 done
 echo "bench setup ok ($PY)"
