@@ -319,6 +319,25 @@ def render(r: dict, img: Path, img_rel: str) -> str:
         parts.append(table(["target", "p50 µs", "p99 µs", "overhead p50 µs", "failed"], rows))
         parts.append("")
 
+    mt = r.get("miss_throughput")
+    if mt and mt.get("summary"):
+        c = mt["config"]
+        parts.append("### 3b. Miss throughput\n")
+        parts.append(f"resperf ramps never-seen names (every query a miss forwarded to nsd) from "
+                     f"0 to {f(c['max_qps'])} q/s over {c['ramp_s']:g} s; maximum rate of "
+                     f"answers it saw, {c['rounds']} rounds alternating between the caches. CPU "
+                     f"per miss: other never-seen names at a steady {f(c['steady_qps'])} q/s for "
+                     f"{c['steady_s']:g} s in the same round, the cache's CPU / answered queries.\n")
+        rows = []
+        for n, s in ordered(mt["summary"]):
+            rows.append([NAMES.get(n, n), rng(s["max_qps"]), rng(s.get("qps_vs_dnsmasq"), 2),
+                         rng(s["cpu_us"], 1), rng(s.get("cpu_vs_dnsmasq"), 2),
+                         f(s.get("steady_lost"))])
+        parts.append(table(["cache", "max answered misses/s", "misses/s vs dnsmasq",
+                            "CPU µs per miss", "CPU vs dnsmasq", "lost at the steady rate"],
+                           rows))
+        parts.append("")
+
     co = r.get("coalescing")
     if co:
         c = co["config"]

@@ -32,14 +32,15 @@ from bench import (  # noqa: E402
     hit_latency,
     hit_throughput,
     miss_overhead,
+    miss_throughput,
     peers,
     profile,
     report,
     scale,
 )
 
-ALL = ["hit_throughput", "hit_latency", "miss_overhead", "coalescing", "crawler_burst", "scale",
-       "profile"]
+ALL = ["hit_throughput", "hit_latency", "miss_overhead", "miss_throughput", "coalescing",
+       "crawler_burst", "scale", "profile"]
 
 
 def meta(args, argv: list[str]) -> dict:
@@ -65,7 +66,7 @@ def meta(args, argv: list[str]) -> dict:
 
 
 def check_tools() -> list[str]:
-    return [t for t in ("dnsperf", "nsd", "dnsmasq", "unbound", "taskset", "ip")
+    return [t for t in ("dnsperf", "resperf", "nsd", "dnsmasq", "unbound", "taskset", "ip")
             if shutil.which(t) is None]
 
 
@@ -106,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             ("hit_latency", lambda: hit_latency.run(
                 nsd, caches + peers.BASELINES, rounds, 1.5 if smoke else 10.0, 5000)),
             ("miss_overhead", lambda: miss_overhead.run(nsd, caches, rounds, 30 if smoke else 300)),
+            ("miss_throughput", lambda: miss_throughput.run(
+                nsd, [p for p in miss_throughput.MISS_PEERS if p in caches], rounds,
+                2.0 if smoke else 10.0, 40000)),
             ("coalescing", lambda: coalescing.run(nsd, caches, rounds, 1000, 100.0)),
             ("scale", lambda: scale.run(
                 nsd, [int(x) for x in (args.scale_levels or (
