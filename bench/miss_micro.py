@@ -26,6 +26,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sidecar import Config, HostPort, Sidecar  # noqa: E402
+from sidecar.server import tune_gc  # noqa: E402
 
 _SOA_RDATA = b"\x02ns\x00\x02hm\x00" + struct.pack(">IIIII", 1, 60, 60, 60, 60)
 _SOA_RR = b"\x04test\x00" + struct.pack(">HHIH", 6, 1, 60, len(_SOA_RDATA)) + _SOA_RDATA
@@ -69,6 +70,7 @@ async def measure(port: int, burst: int, rounds: int) -> None:
     sc = Sidecar(Config(listen=(HostPort("127.0.0.1", 0),), http=None,
                         upstreams=(HostPort("127.0.0.1", port),), timeout=2.0, tries=2))
     await sc.start()
+    tune_gc()  # as the dns-sidecar process does once it has started
     loop = asyncio.get_running_loop()
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)

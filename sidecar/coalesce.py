@@ -10,8 +10,8 @@ accumulates per name (unlike a dict of per-host locks).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -27,7 +27,7 @@ class Coalescer(Generic[T]):
     def __len__(self) -> int:
         return len(self.inflight)
 
-    def join(self, key: bytes, fetch: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
+    def join(self, key: bytes, fetch: Callable[[], Coroutine[Any, Any, T]]) -> asyncio.Future[T]:
         """The task fetching ``key``, started with ``fetch()`` if none is in flight.
 
         Shared: never cancel it; await it through ``asyncio.shield`` or add a callback."""
@@ -35,7 +35,7 @@ class Coalescer(Generic[T]):
         if task is not None:
             self.coalesced += 1
         else:
-            task = asyncio.ensure_future(fetch())
+            task = asyncio.get_running_loop().create_task(fetch())
             self.inflight[key] = task
             task.add_done_callback(lambda _t, k=key: self._done(k, _t))
         return task

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -118,9 +117,11 @@ class Pool:
                     # Nothing to race, and the try's own timer ends it by the deadline:
                     # await it alone (asyncio.wait costs a waiter, callbacks and a timer).
                     only = next(iter(running))
-                    with contextlib.suppress(Exception):
+                    try:
                         await only
-                    done = {only}
+                    except Exception:  # read below, with the other outcomes
+                        pass
+                    done = (only,)
                 else:
                     wait = min(left, self.hedge_delay(current)) if can_hedge else left
                     done, _ = await asyncio.wait(running, timeout=wait,

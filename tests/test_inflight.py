@@ -1,0 +1,84 @@
+"""The upstream in-flight bound (sidecar.inflight.Slots): FIFO hand-over, no slot leaks."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sidecar.inflight import Slots
+
+
+async def test_take_until_full_then_release_frees():
+    s = Slots(2)
+    assert s.take() and s.take()
+    assert not s.take()
+    s.release()
+    assert s.free == 1
+    assert s.take()
+
+
+async def test_release_hands_the_slot_to_the_oldest_waiter():
+    s = Slots(1)
+    assert s.take()
+    order: list[str] = []
+
+    async def waiter(tag: str) -> None:
+        assert await s.wait(5)
+        order.append(tag)
+
+    first = asyncio.create_task(waiter("first"))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(waiter("second"))
+    await asyncio.sleep(0)
+    assert not s.take()  # others are queued: no jumping the queue
+    s.release()
+    await first
+    assert order == ["first"] and s.free == 0  # passed on, never freed in between
+    s.release()
+    await second
+    assert order == ["first", "second"]
+    s.release()
+    assert s.free == 1
+
+
+async def test_timed_out_waiter_leaks_nothing():
+    s = Slots(1)
+    assert s.take()
+    assert await s.wait(0.01) is False
+    s.release()
+    assert s.free == 1 and s.take()
+
+
+async def test_cancelled_waiter_passes_a_handed_slot_on():
+    s = Slots(1)
+    assert s.take()
+    task = asyncio.create_task(s.wait(5))
+    await asyncio.sleep(0)
+    s.release()  # handed to the waiter ...
+    task.cancel()  # ... which is cancelled before it runs
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    # Either the waiter got the slot (and holds it) or it passed it back: never lost.
+    if task.cancelled():
+        assert s.free == 1
+    else:
+        assert task.result() is True and s.free == 0
+
+
+async def test_the_bound_is_held_under_load():
+    s = Slots(3)
+    busy = peak = 0
+
+    async def fetch() -> None:
+        nonlocal busy, peak
+        if not s.take():
+            assert await s.wait(5)
+        busy += 1
+        peak = max(peak, busy)
+        await asyncio.sleep(0)
+        busy -= 1
+        s.release()
+
+    await asyncio.gather(*(fetch() for _ in range(50)))
+    assert peak == 3 and s.free == 3
