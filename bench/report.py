@@ -170,6 +170,25 @@ def plot_scale(res: dict, path: Path) -> None:
 # markdown
 
 
+#: A bare Python responder answers in 80-100 us at 5,000 q/s on this machine when its host is
+#: quiet; above this its VM is sharing the physical cores and latencies say little.
+QUIET_BARE_P50_US = 150.0
+
+
+def host_busy(latency_summary: dict) -> str:
+    """'' when the hit-latency run looks undisturbed, else why its verdicts are not judged:
+    the bare responder's median p50 above QUIET_BARE_P50_US, or dnsmasq's p50 moving by more
+    than 2x between rounds."""
+    bare = latency_summary.get("bare-uvloop", {}).get("p50_us", {})
+    ref = latency_summary.get("dnsmasq", {}).get("p50_us", {})
+    if (bare.get("median") or 0) > QUIET_BARE_P50_US:
+        return f"not judged: host busy (bare responder p50 {f(bare['median'])} µs)"
+    if ref.get("min") and (ref.get("max") or 0) > 2 * ref["min"]:
+        return (f"not judged: host busy (dnsmasq p50 {f(ref['min'])}–{f(ref['max'])} µs "
+                "across rounds)")
+    return ""
+
+
 def goals(r: dict) -> list[list[str]]:
     rows = []
 
@@ -186,12 +205,14 @@ def goals(r: dict) -> list[list[str]]:
     if s:
         ratio = s.get("p50_vs_dnsmasq", {}).get("median")
         rate = hl.get("config", {}).get("rate")
+        busy = host_busy(hl.get("summary", {}))
         if ratio is not None:
             rows.append(["2 hit p50 within 10% of dnsmasq", f"{ratio:.2f}× "
-                         f"({f(s['p50_us']['median'])} µs)", verdict(ratio <= 1.1)])
+                         f"({f(s['p50_us']['median'])} µs)",
+                         busy or verdict(ratio <= 1.1)])
         p99 = s["p99_us"]["median"]
         rows.append([f"2 hit p99 < 0.5 ms at {rate} q/s", f"{f(p99)} µs",
-                     verdict(p99 is not None and p99 < 500)])
+                     busy or verdict(p99 is not None and p99 < 500)])
     co = r.get("coalescing", {}).get("summary", {}).get("sidecar-uvloop")
     if co:
         u = co["upstream_queries"]
