@@ -1,6 +1,6 @@
 """Run the whole benchmark suite in one command and regenerate docs/benchmarks.md.
 
-    sudo bash bench/setup.sh                 # once: dnsperf, dnsmasq, unbound, nsd, matplotlib
+    sudo bash bench/setup.sh                 # once: dnsperf/resperf, dnsmasq, unbound, nsd, nginx, matplotlib
     python bench/run_all.py [--rounds 3] [--out docs]
     python bench/run_all.py --smoke          # seconds per benchmark, < 2 minutes, no thresholds
 
