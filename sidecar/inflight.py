@@ -16,10 +16,9 @@ class Slots:
     waits up to ``t`` seconds for one, first come first served; ``release()`` hands the slot
     to the oldest live waiter, else frees it. ``free`` is the number of free slots."""
 
-    __slots__ = ("_waiters", "free", "size")
+    __slots__ = ("_waiters", "free")
 
     def __init__(self, n: int) -> None:
-        self.size = n
         self.free = n
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
