@@ -238,11 +238,14 @@ def inner(a: argparse.Namespace) -> dict:
         import socket
 
         end = time.monotonic() + 20
-        while time.monotonic() < end:
+        while True:
             try:
                 socket.create_connection((zone.CRAWL_IPS[-1], HTTP_PORT), timeout=0.5).close()
                 break
             except OSError:
+                if http.poll() is not None or time.monotonic() > end:
+                    raise RuntimeError(f"the {a.http_server} web servers did not start "
+                                       f"(exit code {http.poll()})") from None
                 time.sleep(0.1)
         have_sidecar = peers.sidecar_available()
         if have_sidecar:
