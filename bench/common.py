@@ -376,9 +376,16 @@ def ratios_to(per_peer: dict, key: str, ref: str = "dnsmasq") -> dict[str, dict]
 
 
 def save_json(name: str, data: dict) -> Path:
+    """Write ``RESULTS_DIR/NAME.json`` (what the report reads: the latest run of each
+    benchmark) and a dated copy under ``RESULTS_DIR/archive/``, so a later run of one
+    benchmark never loses the numbers of an earlier one."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, indent=2, sort_keys=True, default=str)
     path = RESULTS_DIR / f"{name}.json"
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    path.write_text(text)
+    archive = RESULTS_DIR / "archive"
+    archive.mkdir(exist_ok=True)
+    (archive / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}.json").write_text(text)
     return path
 
 
