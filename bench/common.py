@@ -277,6 +277,20 @@ _RE = {
 }
 
 
+def run_bounded(argv: list[str], timeout_s: float, on_start=None) -> str:
+    """Run a load tool to completion (killed after ``timeout_s`` seconds, and at exit if
+    interrupted); its stdout and stderr together."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _children.append(proc)
+    if on_start:
+        on_start()
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    finally:
+        stop(proc)
+    return out
+
+
 def dnsperf(port: int, datafile: str, *, seconds: float, qps: int | None = None, clients: int = 10,
             outstanding: int = 200, verbose: bool = False, maxruns: int | None = None,
             timeout_s: float = 2.0, host: str = "127.0.0.1", cpu: int | None = LOAD_CPU,
@@ -292,14 +306,7 @@ def dnsperf(port: int, datafile: str, *, seconds: float, qps: int | None = None,
         argv += ["-n", str(maxruns)]
     if verbose:
         argv += ["-v"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _children.append(proc)
-    if on_start:
-        on_start()
-    try:
-        out, _ = proc.communicate(timeout=seconds + timeout_s + 30)
-    finally:
-        stop(proc)
+    out = run_bounded(argv, seconds + timeout_s + 30, on_start)
     r = PerfResult(raw=out[-4000:])
     for k, rx in _RE.items():
         m = rx.search(out)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import subprocess
 import time
 
 from . import common, peers, zone
@@ -40,12 +39,7 @@ def resperf(port: int, datafile: str, *, ramp_s: float, max_qps: int, workdir: s
     argv = common.taskset_prefix(cpu) + [
         "resperf", "-s", "127.0.0.1", "-p", str(port), "-d", datafile, "-m", str(max_qps),
         "-r", f"{ramp_s:g}", "-c", "0", "-t", "2", "-b", "4096", "-P", f"{workdir}/plot.txt"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    common._children.append(proc)
-    try:
-        out, _ = proc.communicate(timeout=ramp_s + 60)
-    finally:
-        common.stop(proc)
+    out = common.run_bounded(argv, ramp_s + 60)
     res: dict = {"raw": out[-1500:]}
     for k, rx in _RE.items():
         m = rx.search(out)
