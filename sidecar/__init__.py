@@ -3,21 +3,34 @@
 Listeners -> query handler -> cache -> coalescer -> upstream pools, with an HTTP API that
 reads their state. ``Sidecar(Config(...))`` runs one in-process; ``dns-sidecar`` runs the
 process.
+
+The package face is lazy (PEP 562, as dnspython's): ``import sidecar`` loads nothing else,
+so the client can import the loop-driven c-ares channel (:mod:`sidecar.cares`) without the
+server, its listeners, its cache or dnslib. A name below is imported on first use.
 """
 
-from .cache import Cache, Entry
-from .config import Config, HostPort, parse_hostport
-from .errors import (
-    ConfigError,
-    ResolveFailed,
-    SidecarError,
-    StartupError,
-    UpstreamError,
-    WireError,
-)
-from .server import Sidecar
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+#: public name -> module that defines it
+_LAZY = {
+    "Cache": ".cache",
+    "Entry": ".cache",
+    "Config": ".config",
+    "HostPort": ".config",
+    "parse_hostport": ".config",
+    "ConfigError": ".errors",
+    "ResolveFailed": ".errors",
+    "SidecarError": ".errors",
+    "StartupError": ".errors",
+    "UpstreamError": ".errors",
+    "WireError": ".errors",
+    "Sidecar": ".server",
+}
 
 __all__ = [
     "Cache",
@@ -34,3 +47,29 @@ __all__ = [
     "__version__",
     "parse_hostport",
 ]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .cache import Cache, Entry
+    from .config import Config, HostPort, parse_hostport
+    from .errors import (
+        ConfigError,
+        ResolveFailed,
+        SidecarError,
+        StartupError,
+        UpstreamError,
+        WireError,
+    )
+    from .server import Sidecar
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sidecar' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

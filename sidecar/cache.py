@@ -132,8 +132,12 @@ class Cache:
     ``move_to_end``.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, memory_limit: int = 256 * 1024 * 1024) -> None:
         self.capacity = capacity
+        #: Bound on the bytes held by the cached answers (``--cache-memory``).
+        self.memory_limit = memory_limit
+        #: Bytes held by the cached answers now.
+        self.bytes = 0
         self.entries: dict[bytes, RawEntry] = {}
         #: Keys in insertion order, oldest first; may still hold keys deleted since.
         self.queue: deque[bytes] = deque()

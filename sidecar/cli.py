@@ -107,12 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("--cache-size", metavar="ENTRIES", type=_typed("a whole number >= 0", _nonneg_int), default=100000,
         help="cache bound, least recently used evicted first (CLOCK approximation; default "
         "100000)")
+    add("--cache-memory", metavar="MIB", type=_typed("a whole number >= 1", _nonneg_int), default=256,
+        help="bound on the bytes the cached answers hold, in MiB; with --cache-size, whichever "
+        "is reached first evicts (default 256)")
     add("--timeout", metavar="SECONDS", type=_typed("a number >= 0", _positive_float), default=2.0,
         help="per upstream try (default 2.0)")
     add("--tries", metavar="N", type=_typed("a whole number >= 0", _nonneg_int), default=2,
         help="upstream tries per miss (default 2)")
     add("--max-inflight", metavar="N", type=_typed("a whole number >= 0", _nonneg_int), default=1024,
         help="upstream queries in flight at once; more wait their turn (default 1024)")
+    add("--upstream-0x20", action="store_true", default=False,
+        help="randomise the letter case of upstream queries (DNS 0x20) and drop replies that do "
+        "not echo it")
     add("--serve-stale", metavar="SECONDS", type=_typed("a whole number >= 0", _nonneg_int), default=0,
         help="answer from entries expired less than this long ago when upstreams fail, "
         "RFC 8767 (default 0, off)")
@@ -126,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-client query rate limit; over it queries are dropped (default 0, off)")
     add("--rate-burst", metavar="N", type=_typed("a number >= 0", _positive_float), default=0.0,
         help="queries a client may send in a burst above --rate-limit; 0 means twice the rate (default 0)")
+    add("--rate-limit-v6-prefix", metavar="BITS", type=_typed("a whole number 0-128", _nonneg_int), default=64,
+        help="IPv6 clients are rate limited per prefix of this length; IPv4 per address (default 64)")
+    add("--max-udp-size", metavar="BYTES", type=_typed("a whole number 512-65535", _nonneg_int), default=1232,
+        help="largest UDP reply sent, whatever size the client advertises; larger answers go out "
+        "with TC=1 (default 1232)")
+    add("--private-address", metavar="CIDR[,CIDR...]", type=_typed("CIDR[,CIDR...]", parse_cidrs), default=None,
+        help="addresses removed from answers for names outside every --zone suffix "
+        "(DNS-rebinding / SSRF guard; default: none)")
     add("--tcp-max-connections", metavar="N", type=_typed("a whole number >= 0", _nonneg_int), default=256,
         help="open TCP connections at once (default 256)")
     add("--tcp-idle-timeout", metavar="SECONDS", type=_typed("a number >= 0", _positive_float), default=10.0,
@@ -204,6 +218,11 @@ def parse_config(argv: Sequence[str] | None = None,
         allow=ns.allow if ns.allow is not None else Config.allow,
         rate_limit=ns.rate_limit,
         rate_burst=ns.rate_burst,
+        cache_memory=ns.cache_memory,
+        max_udp_size=ns.max_udp_size,
+        upstream_0x20=ns.upstream_0x20,
+        rate_limit_v6_prefix=ns.rate_limit_v6_prefix,
+        private_address=tuple(ns.private_address or ()),
         tcp_max_connections=ns.tcp_max_connections,
         tcp_idle_timeout=ns.tcp_idle_timeout,
         api_token=ns.api_token,

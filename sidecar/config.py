@@ -163,6 +163,11 @@ class Config:
     tcp_max_connections: int = 256
     tcp_idle_timeout: float = 10.0
     udp_rcvbuf: int = 8 * 1024 * 1024
+    cache_memory: int = 256  # MiB
+    max_udp_size: int = 1232
+    upstream_0x20: bool = False
+    rate_limit_v6_prefix: int = 64
+    private_address: tuple = ()
     resolv_conf: str | None = None  # where upstreams were read from (re-read on SIGHUP)
     log_level: str = "info"
     log_format: str = "text"
@@ -193,3 +198,9 @@ class Config:
             raise ConfigError("--rate-limit: must be >= 0")
         if self.lameduck < 0:
             raise ConfigError("--lameduck: must be >= 0")
+        if self.cache_memory < 1:
+            raise ConfigError("--cache-memory: must be >= 1")
+        if not 512 <= self.max_udp_size <= 65535:
+            raise ConfigError("--max-udp-size: must be between 512 and 65535")
+        if not 0 <= self.rate_limit_v6_prefix <= 128:
+            raise ConfigError("--rate-limit-v6-prefix: must be between 0 and 128")

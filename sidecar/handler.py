@@ -87,7 +87,12 @@ class QueryHandler:
     """
 
     def __init__(self, cache: Cache, resolver: Resolver, *, acl: Acl | None = None,
-                 no_aaaa: bool = False, ratelimit: RateLimiter | None = None) -> None:
+                 no_aaaa: bool = False, ratelimit: RateLimiter | None = None,
+                 max_udp_size: int = 1232) -> None:
+        #: ``--max-udp-size``: cap on any UDP reply, whatever the client advertises.
+        self.max_udp_size = max_udp_size
+        #: Queries dropped by the rate limit (no reply at all).
+        self.ratelimited = 0
         self.cache = cache
         self.resolver = resolver
         self.acl = acl or Acl(())

@@ -181,7 +181,9 @@ class PoolSet:
     """All pools; routes a name to the pool of its longest matching zone suffix."""
 
     def __init__(self, default: Iterable[HostPort], zones: Iterable[tuple[str, Iterable[HostPort]]],
-                 timeout: float, tries: int) -> None:
+                 timeout: float, tries: int, *, case_randomize: bool = False) -> None:
+        #: ``--upstream-0x20``: mixed-case upstream queries, replies must echo the case.
+        self.case_randomize = case_randomize
         self.default = Pool("", default, timeout, tries)
         self.zones: dict[str, Pool] = {}
         for suffix, servers in zones:

@@ -16,9 +16,10 @@ class RateLimiter:
     """``allow(host)`` spends one token of ``host``'s bucket (``rate`` per second, up to
     ``burst``); False means drop. ``limited`` counts the drops."""
 
-    __slots__ = ("rate", "burst", "buckets", "limited")
+    __slots__ = ("rate", "burst", "buckets", "limited", "v6_prefix")
 
-    def __init__(self, rate: float, burst: float | None = None) -> None:
+    def __init__(self, rate: float, burst: float | None = None, v6_prefix: int = 64) -> None:
+        self.v6_prefix = v6_prefix
         self.rate = float(rate)
         self.burst = float(burst) if burst else max(1.0, 2.0 * self.rate)
         self.buckets: dict[str, list[float]] = {}

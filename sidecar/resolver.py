@@ -16,6 +16,7 @@ from .encode import TtlPolicy, build_entry, servfail_entry
 from .errors import ResolveFailed
 from .inflight import Slots
 from .pool import PoolSet
+from .scrub import ScrubPolicy, scrub
 from .soa import SoaFinder
 from .wire import NXDOMAIN, SERVFAIL, key_type, qname_text
 
@@ -31,8 +32,10 @@ class Resolver:
     become SERVFAIL."""
 
     def __init__(self, cache: Cache, pools: PoolSet, policy: TtlPolicy, *,
-                 max_inflight: int = 1024, budget: float = 4.0, serve_stale: int = 0) -> None:
+                 max_inflight: int = 1024, budget: float = 4.0, serve_stale: int = 0,
+                 scrub_policy: ScrubPolicy | None = None) -> None:
         self.cache = cache
+        self.scrub_policy = scrub_policy or ScrubPolicy()
         self.pools = pools
         self.policy = policy
         self.serve_stale = serve_stale
@@ -135,6 +138,7 @@ class Resolver:
                 answer = await pool.query(name, qtype)
             except ResolveFailed as exc:
                 return self._failure(key, exc.kind)
+            answer = scrub(name, qtype, answer, self.scrub_policy)
             soa = None
             # (the last record first: a positive answer skips the generator)
             cname_only = (qtype != 5 and answer.answer and answer.answer[-1].type == 5

@@ -25,6 +25,7 @@ from .listeners import TcpListener, UdpListener, close_listeners, open_listeners
 from .pool import PoolSet
 from .ratelimit import RateLimiter
 from .resolver import Resolver
+from .scrub import ScrubPolicy
 
 log = logging.getLogger("sidecar")
 
@@ -40,19 +41,24 @@ class Sidecar:
         config.validate()
         self.config = config
         self.started_at = time.monotonic()
-        self.cache = Cache(config.cache_size)
-        self.pools = PoolSet(config.upstreams, config.zones, config.timeout, config.tries)
+        self.cache = Cache(config.cache_size, config.cache_memory * 1024 * 1024)
+        self.pools = PoolSet(config.upstreams, config.zones, config.timeout, config.tries,
+                             case_randomize=config.upstream_0x20)
         self.policy = TtlPolicy(config.min_ttl, config.max_ttl, config.max_negative_ttl,
                                 config.servfail_ttl, config.prefetch)
         self.resolver = Resolver(self.cache, self.pools, self.policy,
                                  max_inflight=config.max_inflight,
                                  budget=config.timeout * config.tries,
-                                 serve_stale=config.serve_stale)
+                                 serve_stale=config.serve_stale,
+                                 scrub_policy=ScrubPolicy(config.private_address,
+                                                          tuple(z for z, _ in config.zones)))
         self.acl = Acl(config.allow)
-        self.ratelimit = (RateLimiter(config.rate_limit, config.rate_burst or None)
+        self.ratelimit = (RateLimiter(config.rate_limit, config.rate_burst or None,
+                                      v6_prefix=config.rate_limit_v6_prefix)
                           if config.rate_limit > 0 else None)
         self.handler = QueryHandler(self.cache, self.resolver, acl=self.acl,
-                                    no_aaaa=config.no_aaaa, ratelimit=self.ratelimit)
+                                    no_aaaa=config.no_aaaa, ratelimit=self.ratelimit,
+                                    max_udp_size=config.max_udp_size)
         self.udp: list[UdpListener] = []
         self.tcp: list[TcpListener] = []
         self.dns_addresses: list[HostPort] = []
