@@ -4,10 +4,13 @@ c-ares >= 1.31 keeps a query cache that is on by default and that pycares 5 give
 for. Left on, a refresh, a prefetch or a health probe within the record's TTL is answered from
 that cache and never reaches the upstream (measured: three identical ``query_dns`` calls, one
 packet). c-ares also shrinks its per-try timeout to max(250 ms, 5 x RTT) once a server looks
-fast. We therefore add two options pycares does not expose, through ``ares_init_options``:
-``ARES_OPT_QUERY_CACHE`` with ``qcache_max_ttl = 0`` (cache off) and ``ARES_OPT_MAXTIMEOUTMS``
-(no try longer than our own per-try timeout). If a future pycares changes the internals this
-relies on, we fall back to a plain channel, log it, and report ``qcache_disabled = False``.
+fast. We therefore add three options pycares does not expose, through ``ares_init_options``:
+``ARES_OPT_QUERY_CACHE`` with ``qcache_max_ttl = 0`` (cache off), ``ARES_OPT_MAXTIMEOUTMS``
+(no try longer than our own per-try timeout) and ``ARES_OPT_UDP_MAX_QUERIES`` with
+``udp_max_queries = 1``: every upstream query leaves from a fresh socket, so from a port the
+kernel picks at random (RFC 5452); an off-path forger then has to guess the port as well as
+the 16-bit ID. If a future pycares changes the internals this relies on, we fall back to a
+plain channel, log it, and report ``qcache_disabled = False`` (and ``per_query_ports = False``).
 
 Channels are driven by the event loop (:class:`LoopResolver`), not by c-ares' own thread.
 """
@@ -28,19 +31,25 @@ import pycares
 log = logging.getLogger(__name__)
 
 # Values from c-ares's ares.h (stable ABI since 1.23).
+ARES_OPT_UDP_MAX_QUERIES = 1 << 19
 ARES_OPT_MAXTIMEOUTMS = 1 << 20
 ARES_OPT_QUERY_CACHE = 1 << 21
+#: ares.h ``ARES_FLAG_DNS0x20`` (pycares does not export it).
+ARES_FLAG_DNS0X20 = 1 << 10
 
 _lock = threading.Lock()
 qcache_disabled: bool | None = None  # None until the first channel is made
+#: Whether upstream channels send each query from its own socket (None until one is made).
+per_query_ports: bool | None = None
 
 
 class _OptionsLib:
     """Stands in for pycares's cffi ``lib`` during one ``Channel()`` call and adds options."""
 
-    def __init__(self, lib: Any, max_timeout_ms: int) -> None:
+    def __init__(self, lib: Any, max_timeout_ms: int, udp_max_queries: int = 0) -> None:
         self._lib = lib
         self._max_timeout_ms = max_timeout_ms
+        self._udp_max_queries = udp_max_queries
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._lib, name)
@@ -51,16 +60,17 @@ class _OptionsLib:
         if self._max_timeout_ms > 0:
             options.maxtimeout = self._max_timeout_ms
             optmask |= ARES_OPT_MAXTIMEOUTMS
+        if self._udp_max_queries > 0:
+            # c-ares closes a UDP socket once it has carried this many queries (and never
+            # hands it a new one); a retransmission is a new query send, so a new socket too.
+            options.udp_max_queries = self._udp_max_queries
+            optmask |= ARES_OPT_UDP_MAX_QUERIES
         return self._lib.ares_init_options(channel, options, optmask)
 
 
 #: Longest gap between two timeout checks of a loop-driven channel, seconds: c-ares'
 #: shortest retransmission timeout (250 ms), so a retransmission is never late.
 TIMER_TICK = 0.25
-#: SO_RCVBUF asked for each upstream UDP socket, bytes (the kernel caps it at
-#: net.core.rmem_max). The event loop reads the socket between other work, so a burst of
-#: replies waits in the kernel: 1,000 replies overflow the 208 KiB default.
-UPSTREAM_RCVBUF = 4 * 1024 * 1024
 
 
 #: c-ares ``ARES_AI_NUMERICSERV`` (ares.h; pycares exposes it only on its cffi ``lib``).
@@ -118,6 +128,39 @@ class LoopResolver(aiodns.DNSResolver):
 
         return False, pycares.Channel(sock_state_cb=on_socket, timeout=self._timeout, **kwargs)
 
+    def _sock_state_cb(self, fd: int, readable: bool, writable: bool) -> None:
+        """Watch ``fd`` for exactly what c-ares asks, as of this call.
+
+        aiodns's version only adds watchers while a socket is open: once a TCP socket has
+        flushed its query, c-ares asks for "readable only", the write watcher stays, and a
+        connected socket is always writable, so the loop spins (``process_fd`` on every
+        pass) for as long as the connection lives.
+        """
+        if not self.loop_driven:  # pragma: no cover - aiodns changed
+            return super()._sock_state_cb(fd, readable, writable)
+        loop, channel = self.loop, self._channel
+        if readable:
+            if fd not in self._read_fds:
+                loop.add_reader(fd, channel.process_fd, fd, pycares.ARES_SOCKET_BAD)
+                self._read_fds.add(fd)
+        elif fd in self._read_fds:
+            self._read_fds.discard(fd)
+            loop.remove_reader(fd)
+        if writable:
+            if fd not in self._write_fds:
+                loop.add_writer(fd, channel.process_fd, pycares.ARES_SOCKET_BAD, fd)
+                self._write_fds.add(fd)
+        elif fd in self._write_fds:
+            self._write_fds.discard(fd)
+            loop.remove_writer(fd)
+        if readable or writable:
+            if self._timer is None:
+                self._start_timer()
+        elif not self._read_fds and not self._write_fds and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        return None
+
     def _start_timer(self) -> None:
         if not self.loop_driven:  # pragma: no cover - aiodns changed
             return super()._start_timer()
@@ -129,24 +172,37 @@ class LoopResolver(aiodns.DNSResolver):
         return None
 
 
-def make_resolver(server: str, timeout: float, tries: int = 3,
-                  rcvbuf: int | None = UPSTREAM_RCVBUF) -> aiodns.DNSResolver:
+def make_resolver(server: str, timeout: float, tries: int = 1,
+                  rcvbuf: int | None = None, *, case_randomize: bool = False,
+                  max_timeout: float | None = None) -> aiodns.DNSResolver:
     """An aiodns resolver for one upstream ``server`` ("ip:port" or "[v6]:port").
 
-    c-ares retransmits within our per-try deadline (``tries`` packets, dynamic timeouts capped
-    at ``timeout``); the sidecar enforces the deadline itself (a loop timer per try, see
-    ``upstream._Try``). The channel is a :class:`LoopResolver`.
+    One query per UDP socket (a fresh source port each, retransmissions included), EDNS(0)
+    with cookies, and with ``case_randomize`` DNS 0x20: the question goes out in random
+    letter case and c-ares drops a UDP reply that does not echo it exactly. ``tries``
+    packets per query, each timed by c-ares: ``timeout`` until the server has a few answers,
+    then max(250 ms, 5 x mean RTT), never longer than ``max_timeout`` (default ``timeout``).
+    The sidecar enforces its own deadline per try (``upstream._Try``) and decides about
+    resending. ``rcvbuf`` sets SO_RCVBUF on each socket; the default leaves the kernel's:
+    a socket carries one query, so replies no longer pile up on one socket in a burst
+    (they did with a shared socket: 1,000 of them overflowed the 208 KiB default). The
+    channel is a :class:`LoopResolver`.
     """
-    global qcache_disabled
+    global qcache_disabled, per_query_ports
+    # EDNS(0): fewer answers need a TCP round trip, and c-ares then sends DNS cookies
+    # (RFC 7873). c-ares turns it on by itself only when a channel is given no flags.
+    flags = (pycares.ARES_FLAG_NOSEARCH | pycares.ARES_FLAG_NOCHECKRESP | pycares.ARES_FLAG_EDNS
+             # Keeps an idle TCP connection to the upstream for the next truncated answer.
+             # For UDP it is moot: a socket that carried its one query is always closed.
+             | pycares.ARES_FLAG_STAYOPEN)
+    if case_randomize:
+        flags |= ARES_FLAG_DNS0X20
     kwargs: dict[str, Any] = {
         "nameservers": [server],
         "timeout": timeout,
         "tries": tries,
         # No search list, no /etc/hosts: we forward exactly the name we were asked.
-        "flags": (pycares.ARES_FLAG_NOSEARCH | pycares.ARES_FLAG_NOCHECKRESP
-                  # Keep the UDP socket between queries: without it c-ares opens, connects
-                  # and closes a socket for every query that finds none in flight.
-                  | pycares.ARES_FLAG_STAYOPEN),
+        "flags": flags,
         "ndots": 0,
         "lookups": "b",
     }
@@ -156,18 +212,21 @@ def make_resolver(server: str, timeout: float, tries: int = 3,
         real = getattr(pycares, "_lib", None)
         if real is None or not hasattr(real, "ares_init_options"):
             if qcache_disabled is None:
-                log.warning("pycares internals changed: c-ares query cache stays on")
-            qcache_disabled = False
+                log.warning("pycares internals changed: c-ares query cache stays on and "
+                            "upstream queries share one source port")
+            qcache_disabled = per_query_ports = False
             return LoopResolver(**kwargs)
-        pycares._lib = _OptionsLib(real, int(timeout * 1000))
+        pycares._lib = _OptionsLib(real, int((max_timeout or timeout) * 1000),
+                                   udp_max_queries=1)
         try:
             resolver = LoopResolver(**kwargs)
-            qcache_disabled = True
+            qcache_disabled = per_query_ports = True
         except Exception as exc:  # pragma: no cover - depends on the installed pycares
-            log.warning("cannot disable the c-ares query cache (%s); using a plain channel", exc)
+            log.warning("cannot set c-ares options (%s); using a plain channel: query cache "
+                        "on, one source port for all upstream queries", exc)
             pycares._lib = real
             resolver = LoopResolver(**kwargs)
-            qcache_disabled = False
+            qcache_disabled = per_query_ports = False
         finally:
             pycares._lib = real
     return resolver

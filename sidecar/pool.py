@@ -40,14 +40,20 @@ class Pool:
     (``timeout`` x ``tries``) lasts; NXDOMAIN and NODATA are answers.
     """
 
-    def __init__(self, name: str, servers: Iterable[HostPort], timeout: float, tries: int) -> None:
+    def __init__(self, name: str, servers: Iterable[HostPort], timeout: float, tries: int, *,
+                 case_randomize: bool = False) -> None:
         self.name = name
         self.timeout = timeout
         self.tries = tries
-        self.upstreams = [Upstream(s, name or ".", timeout) for s in servers]
+        self.case_randomize = case_randomize
+        self.upstreams = [self.make_upstream(s) for s in servers]
         self.failures = 0  # queries that no server answered
         self.hedged = 0  # tries started early because the previous one was slow
         self._tries: set[asyncio.Future] = set()  # every try in flight, losers included
+
+    def make_upstream(self, server: HostPort) -> Upstream:
+        return Upstream(server, self.name or ".", self.timeout,
+                        case_randomize=self.case_randomize)
 
     @property
     def label(self) -> str:
@@ -184,10 +190,11 @@ class PoolSet:
                  timeout: float, tries: int, *, case_randomize: bool = False) -> None:
         #: ``--upstream-0x20``: mixed-case upstream queries, replies must echo the case.
         self.case_randomize = case_randomize
-        self.default = Pool("", default, timeout, tries)
+        self.default = Pool("", default, timeout, tries, case_randomize=case_randomize)
         self.zones: dict[str, Pool] = {}
         for suffix, servers in zones:
-            self.zones[suffix] = Pool(suffix, servers, timeout, tries)
+            self.zones[suffix] = Pool(suffix, servers, timeout, tries,
+                                      case_randomize=case_randomize)
         self._probe_task: asyncio.Task | None = None
 
     @property
@@ -202,8 +209,8 @@ class PoolSet:
         timeout, tries = self.default.timeout, self.default.tries
 
         def build(name: str, servers: Iterable[HostPort]) -> Pool:
-            pool = Pool(name, (), timeout, tries)
-            pool.upstreams = [old.pop((name, str(s)), None) or Upstream(s, name or ".", timeout)
+            pool = Pool(name, (), timeout, tries, case_randomize=self.case_randomize)
+            pool.upstreams = [old.pop((name, str(s)), None) or pool.make_upstream(s)
                               for s in servers]
             return pool
 

@@ -38,6 +38,16 @@ LOG_EVERY = 1.0
 
 #: Stands for "no answer within the try's timeout" where a c-ares status is expected.
 _TIMED_OUT = -1
+#: Replies that c-ares records in the server's RTT metrics (NOERROR or NXDOMAIN answers).
+_ANSWERED = (_OK, _ENODATA, _ENOTFOUND)
+#: A fresh c-ares channel times a query with its configured timeout until the server has
+#: this many answers in its metrics (c-ares ares_metrics.c ``MIN_COUNT_FOR_AVERAGE``).
+CARES_MIN_COUNT = 3
+#: Below this much time left in a try, a c-ares timeout ends the try instead of resending.
+RESEND_MIN = 0.02
+#: Once c-ares times the server's packets from its RTTs, a try still unanswered after this
+#: share of it (at least c-ares' 250 ms floor) is resent, so the resend has most of the try.
+RESEND_SHARE = 0.125
 
 
 def _fallback_result(fut: asyncio.Future) -> tuple[int, Any]:
@@ -49,25 +59,95 @@ def _fallback_result(fut: asyncio.Future) -> tuple[int, Any]:
     return fut.result()
 
 
+class _Channel:
+    """A c-ares channel for resends, counting the answers c-ares has measured on it.
+
+    c-ares times each packet by itself: max(250 ms, 5 x the server's mean RTT) once it has
+    a few answers, so after fast answers a 1.5 s reply always arrives after c-ares gave up
+    on its socket (and, one query per socket, that socket is closed). A channel with fewer
+    than :data:`CARES_MIN_COUNT` measured answers still uses the configured timeout; resends
+    go to such a channel, and a channel that has measured enough takes no new ones.
+    """
+
+    __slots__ = ("answers", "inflight", "resolver")
+
+    def __init__(self, resolver: aiodns.DNSResolver) -> None:
+        self.resolver = resolver
+        self.answers = 0
+        self.inflight = 0
+
+    @property
+    def fresh(self) -> bool:
+        return self.answers < CARES_MIN_COUNT
+
+
+def resend_delay(timeout: float) -> float:
+    """When a try of ``timeout`` seconds on a measured channel is resent at the latest."""
+    return min(timeout, max(0.25, RESEND_SHARE * timeout))
+
+
 class _Try:
     """One query to one server in flight: ``out`` gets its outcome, from c-ares' reply
-    (``reply``) or from the timer (``expire``), whichever comes first."""
+    (``reply``) or from the timer (``expire``), whichever comes first.
 
-    __slots__ = ("name", "out", "qtype", "t0", "timeout", "timer", "upstream")
+    The first packet goes out on the server's main channel. Until that channel has a few
+    answers, c-ares waits the whole try for it. After that, c-ares gives up on a packet
+    after max(250 ms, 5 x the mean RTT) and closes its socket (one query per socket), so a
+    slower answer would be lost: the question is then sent once more (a new socket, so a new
+    port) on a fresh channel whose c-ares timeout is the try's own, when c-ares gives up or
+    after :func:`resend_delay`, whichever is first; the first packet stays open until c-ares
+    gives up on it, and the first answer to either wins. A lost packet is resent after
+    c-ares' short timeout, and an answer that takes up to the try less the resend delay
+    (with the default 2 s: 1.75 s) is still accepted.
+    """
+
+    __slots__ = ("deadline", "hedge", "name", "out", "pending", "qtype", "resent", "t0",
+                 "timeout", "timer", "upstream")
 
     def __init__(self, upstream: Upstream, out: asyncio.Future, name: str, qtype: int,
                  timeout: float) -> None:
         self.upstream, self.out, self.name, self.qtype = upstream, out, name, qtype
         self.timeout = timeout
         self.t0 = time.monotonic()
+        self.deadline = self.t0 + timeout
         self.timer: asyncio.TimerHandle | None = None
+        self.hedge: asyncio.TimerHandle | None = None
+        self.resent = False
+        self.pending = 1  # packets whose c-ares query has not called back
+
+    def first(self, code: int, sections: Any) -> None:
+        """The main channel's reply to the first packet."""
+        if code in _ANSWERED:
+            self.upstream._main_answers += 1
+        self.reply(code, sections)
 
     def reply(self, code: int, sections: Any) -> None:
+        self.pending -= 1
+        if code == _ETIMEOUT:
+            if self.pending:
+                return  # c-ares gave up on one packet; the other may still be answered
+            if not self.resent and self.resend():
+                return
         if self.timer is not None:
             self.timer.cancel()
+        if self.hedge is not None:
+            self.hedge.cancel()
         self.upstream._complete(self, code, sections)
 
+    def resend(self) -> bool:
+        """Send the question again on a fresh channel, if the try has time left."""
+        self.hedge = None
+        if (self.resent or self.out.done()
+                or self.deadline - time.monotonic() <= RESEND_MIN
+                or not self.upstream._resend(self)):
+            return False
+        self.resent = True
+        self.pending += 1
+        return True
+
     def expire(self) -> None:
+        if self.hedge is not None:
+            self.hedge.cancel()
         self.upstream._complete(self, _TIMED_OUT, None)
 
 
@@ -78,12 +158,20 @@ class Upstream:
     """A nameserver of a pool. ``query`` returns an :class:`Answer` or raises
     :class:`UpstreamError`; every outcome is counted and timed here."""
 
-    def __init__(self, addr: HostPort, pool: str, timeout: float) -> None:
+    def __init__(self, addr: HostPort, pool: str, timeout: float, *,
+                 case_randomize: bool = False) -> None:
         self.addr = addr
         self.address = str(addr)
         self.pool = pool
         self.timeout = timeout
+        #: ``--upstream-0x20``: mixed-case questions, replies must echo the case.
+        self.case_randomize = case_randomize
         self._resolver: aiodns.DNSResolver | None = None
+        self._resend_channel: _Channel | None = None
+        self._retired: set[_Channel] = set()
+        self._closing: set[asyncio.Task] = set()
+        self._main_answers = 0  # answers c-ares has measured on the main channel
+        self.resends = 0  # second packets of a try (see _Try)
         self.queries = 0
         self.inflight = 0
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
@@ -131,8 +219,65 @@ class Upstream:
         if self._resolver is None:
             if self.closed:
                 raise UpstreamError("closed", "the sidecar is stopping", self.address)
-            self._resolver = make_resolver(self.address, self.timeout)
+            self._resolver = self._make_resolver()
+            self._main_answers = 0
         return self._resolver
+
+    def _make_resolver(self, max_timeout: float | None = None) -> aiodns.DNSResolver:
+        return make_resolver(self.address, self.timeout, case_randomize=self.case_randomize,
+                             max_timeout=max_timeout)
+
+    def _fresh_channel(self) -> _Channel:
+        """The channel for resends and probes (see :class:`_Channel`)."""
+        if self.closed:
+            raise UpstreamError("closed", "the sidecar is stopping", self.address)
+        ch = self._resend_channel
+        if ch is None or not ch.fresh:
+            if ch is not None:
+                self._retire(ch)
+            ch = self._resend_channel = _Channel(self._make_resolver())
+        return ch
+
+    def _retire(self, ch: _Channel) -> None:
+        if ch.inflight:
+            self._retired.add(ch)
+        else:
+            self._close_later(ch)
+
+    def _close_later(self, ch: _Channel) -> None:
+        task = asyncio.get_running_loop().create_task(ch.resolver.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def _submit_fresh(self, name: str, qtype: int, done: Any) -> None:
+        """Send on the fresh channel; ``done(code, sections)`` as for ``caresquery.submit``."""
+        ch = self._fresh_channel()
+
+        def settled(code: int, sections: Any) -> None:
+            ch.inflight -= 1
+            if code in _ANSWERED:
+                ch.answers += 1
+            if not ch.inflight and ch in self._retired:
+                self._retired.discard(ch)
+                if not self.closed:
+                    self._close_later(ch)
+            done(code, sections)
+
+        ch.inflight += 1
+        try:
+            caresquery.submit(ch.resolver._channel, name, qtype, settled)
+        except BaseException:
+            ch.inflight -= 1
+            raise
+
+    def _resend(self, attempt: _Try) -> bool:
+        """Send ``attempt``'s question on a fresh channel; False if that cannot be done."""
+        try:
+            self._submit_fresh(attempt.name, attempt.qtype, attempt.reply)
+        except (RuntimeError, UpstreamError):
+            return False
+        self.resends += 1
+        return True
 
     async def query(self, name: str, qtype: int, timeout: float | None = None) -> Answer:
         """Ask this server once, waiting at most ``timeout`` seconds (c-ares may retransmit
@@ -157,7 +302,11 @@ class Upstream:
             resolver = self.resolver
             if caresquery.AVAILABLE:
                 attempt.timer = loop.call_later(timeout, attempt.expire)
-                caresquery.submit(resolver._channel, name, qtype, attempt.reply)
+                caresquery.submit(resolver._channel, name, qtype, attempt.first)
+                if self._main_answers >= CARES_MIN_COUNT and not attempt.out.done():
+                    # c-ares now times the packet from RTTs and may give up on it long
+                    # before the try ends: resend by this time at the latest.
+                    attempt.hedge = loop.call_later(resend_delay(timeout), attempt.resend)
             else:
                 inner = asyncio.ensure_future(self._ask_query_dns(resolver, name, qtype, timeout))
                 inner.add_done_callback(lambda f: self._complete(attempt, *_fallback_result(f)))
@@ -196,7 +345,7 @@ class Upstream:
             return Answer(NOERROR, list(answer), list(authority))
         if code == _ENOTFOUND:
             self._ok("nxdomain", elapsed)
-            return Answer(NXDOMAIN, [], list(authority))
+            return Answer(NXDOMAIN, list(answer), list(authority))
         if code == _ENODATA:
             self._ok("nodata", elapsed)
             # A CNAME chain that ends in NODATA is reported as success by c-ares, so the
@@ -268,15 +417,32 @@ class Upstream:
         self.probes += 1
         failure = None
         try:
-            await asyncio.wait_for(self.resolver.query_dns(".", "NS"), self.timeout)
+            if caresquery.AVAILABLE:
+                # On a fresh channel: its c-ares timeout is the configured one, so a server
+                # that is slow, not dead, passes (the main channel may give up at 250 ms).
+                fut = asyncio.get_running_loop().create_future()
+
+                def done(code: int, _sections: Any) -> None:
+                    if not fut.done():
+                        fut.set_result(code)
+
+                self._submit_fresh(".", 2, done)
+                code = await asyncio.wait_for(fut, self.timeout)
+            else:
+                await asyncio.wait_for(self.resolver.query_dns(".", "NS"), self.timeout)
+                code = _OK
         except TimeoutError:
-            failure = "timeout"
+            code = _ETIMEOUT
         except DNSError as exc:
-            code = exc.args[0] if exc.args else None
-            if code == _ECONNREFUSED:
-                failure = "unreachable"
-            elif code == _ETIMEOUT:
-                failure = "timeout"
+            code = exc.args[0] if exc.args else _EBADRESP
+        except (RuntimeError, UpstreamError):
+            return  # closed under us
+        if code == _ECANCELLED:
+            return
+        if code == _ECONNREFUSED:
+            failure = "unreachable"
+        elif code == _ETIMEOUT:
+            failure = "timeout"
         if failure is None:
             if self.health.success():
                 log.info("upstream %s (pool %s) passed its probe: healthy", self.address,
@@ -287,9 +453,16 @@ class Upstream:
 
     async def close(self) -> None:
         self.closed = True
+        resolvers = [ch.resolver for ch in (self._resend_channel, *self._retired)
+                     if ch is not None]
         if self._resolver is not None:
-            resolver, self._resolver = self._resolver, None
+            resolvers.append(self._resolver)
+        self._resolver = self._resend_channel = None
+        self._retired = set()
+        for resolver in resolvers:
             try:
                 await resolver.close()
             except Exception:  # pragma: no cover - best effort at shutdown
                 pass
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
