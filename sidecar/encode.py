@@ -115,8 +115,15 @@ def rec_from_pycares(rec: Any) -> Rec | None:
     return None if rdata is None else Rec(rec.name, rec.type, rec.ttl, rdata)
 
 
+#: RFC 2181 section 8: a TTL with the top bit set is treated as zero (then floored).
+TTL_LIMIT = 1 << 31
+
+
 def negative_ttl(soa_ttl: int, minimum: int, policy: TtlPolicy) -> int:
-    """RFC 2308 section 5: min(SOA TTL, SOA MINIMUM), capped by ``--max-negative-ttl``."""
+    """RFC 2308 section 5: min(SOA TTL, SOA MINIMUM), capped by ``--max-negative-ttl``; an
+    SOA TTL of 2^31 or more counts as 0 (RFC 2181 section 8), so it is not cached."""
+    if soa_ttl >= TTL_LIMIT:
+        soa_ttl = 0
     return max(0, min(soa_ttl, minimum, policy.max_negative_ttl))
 
 
@@ -131,7 +138,11 @@ def build_entry(key: bytes, qtype: int, answer: Answer, soa: Rec | None,
     ``soa`` is the enclosing zone's SOA for NXDOMAIN/NODATA when it did not come in the
     answer's authority section, else None. Data TTLs are clamped to [min_ttl, max_ttl];
     negative answers live for the SOA's negative TTL; the entry expires with its shortest
-    TTL. Owner names equal to the question are written as a pointer to it (so the client's
+    TTL. A TTL of 2^31 or more counts as 0 before the floor (RFC 2181 section 8). The answer
+    is negative when it is NXDOMAIN, empty, or (for a question other than CNAME) only a CNAME
+    chain: the same test the resolver makes, on the scrubbed answer, so a reply with no
+    record of the asked type is cached as NODATA whether or not an SOA could be found.
+    Owner names equal to the question are written as a pointer to it (so the client's
     0x20 case shows through); other names are written in full. ``qtext``, the question's
     name as :func:`~sidecar.wire.qname_text` gives it, spares encoding owner names that are
     the question.
@@ -155,15 +166,17 @@ def build_entry(key: bytes, qtype: int, answer: Answer, soa: Rec | None,
         offsets.append(pos + len(owner) + 4)
         pos += len(owner) + 10 + len(rec.rdata)
 
+    min_ttl, max_ttl = policy.min_ttl, policy.max_ttl
     for rec in answer.answer:
-        ttl = min(max(rec.ttl, policy.min_ttl), policy.max_ttl)
+        ttl = rec.ttl
+        ttl = min(max(ttl if ttl < TTL_LIMIT else 0, min_ttl), max_ttl)
         ttls.append(ttl)
         add(rec, ttl)
     an = len(parts)
     if soa is None:
         soa = next((r for r in answer.authority if r.type == 6), None)
     negative = answer.rcode == NXDOMAIN or not an or (
-        qtype != 5 and soa is not None and all(r.type == 5 for r in answer.answer))
+        qtype != 5 and all(r.type == 5 for r in answer.answer))
     if negative and soa is not None:
         nttl = negative_ttl(soa.ttl, soa_minimum(soa), policy)
         ttls.append(nttl)

@@ -5,7 +5,17 @@ several - possibly pipelined - queries per connection) on the same port, from a
 small in-memory ``Zone``.  It behaves like an authoritative server that also
 chases CNAMEs inside its own data (so it looks like a recursive resolver to a
 stub client), and it supports fault injection (latency, blackholing, forced
-rcodes, forced UDP truncation, stripped authority sections) that can be changed at any time while running.
+rcodes, forced UDP truncation, stripped authority sections, and hostile content: extra
+records in any section, a replaced answer, overridden TTLs, a reply hook) that can be
+changed at any time while running.
+
+Hostile content, for cache-poisoning tests::
+
+    up.inject("answer", "www.example.test", "A", "6.6.6.6", qname="evil.example.test")
+    up.inject("authority", "example.test", "NS", "ns.attacker.test")   # every reply
+    up.inject("additional", "ns.attacker.test", "A", "6.6.6.6")
+    up.set_answer("x.example.test", ("y.example.test", "A", "10.0.0.9"))
+    up.ttl_override = 2**31                                          # every record's TTL
 
 Usage from async tests::
 
@@ -48,6 +58,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dnslib import (
+    AAAA,
     CLASS,
     EDNS0,
     NS,
@@ -67,6 +78,7 @@ __all__ = [
     "Zone",
     "default_zone",
     "main",
+    "make_rr",
 ]
 
 log = logging.getLogger("fakeupstream")
@@ -237,6 +249,9 @@ def _make_rdata(qtype: int, value: Any) -> RD:
         return TXT(chunks or [b""])
     if not isinstance(value, str):
         raise TypeError(f"value for {_qtype_name(qtype)} must be a str, got {value!r}")
+    if qtype == QTYPE.AAAA:
+        # dnslib's parser rejects the dotted forms (::ffff:10.0.0.1, 64:ff9b::10.0.0.1)
+        return AAAA(tuple(ipaddress.IPv6Address(value.strip()).packed))
     rrs = list(ZoneParser(f". 0 IN {_qtype_name(qtype)} {value}", origin="."))
     if len(rrs) != 1:
         raise ValueError(f"cannot parse {_qtype_name(qtype)} value {value!r}")
@@ -245,6 +260,19 @@ def _make_rdata(qtype: int, value: Any) -> RD:
 
 def _rr(owner: DNSLabel, rtype: int, ttl: int, rdata: RD) -> RR:
     return RR(rname=owner, rtype=rtype, rclass=CLASS.IN, ttl=ttl, rdata=rdata)
+
+
+def make_rr(name: str, qtype: str | int, value: Any, ttl: int = 300) -> RR:
+    """A dnslib RR from the natural text form ``Zone.add`` takes (or an ``RD``)."""
+    t = _qtype_num(qtype)
+    return _rr(DNSLabel(name), t, int(ttl), _make_rdata(t, value))
+
+
+def _rrs(records: Iterable[RR | tuple]) -> list[RR]:
+    return [r if isinstance(r, RR) else make_rr(*r) for r in records]
+
+
+_SECTIONS = ("answer", "authority", "additional")
 
 
 @dataclass
@@ -630,6 +658,15 @@ class FakeUpstream:
         self._name_latency: _NameDict = _NameDict(convert=float)
         self._name_rcode: _NameDict = _NameDict(convert=_rcode_name)
         self._drop_names: _NameSet = _NameSet()
+        # hostile content (see inject / set_answer): per section, for every reply and per qname
+        self._extra: dict[str, list[RR]] = {sec: [] for sec in _SECTIONS}
+        self._name_extra: _NameDict = _NameDict()
+        self._name_answer: _NameDict = _NameDict()
+        #: TTL written into every answer and authority record of a reply (None: the zone's)
+        self.ttl_override: int | None = None
+        #: ``hook(request, reply)`` called on every built reply before it is packed; may
+        #: change the dnslib reply in place (case of the question, flags, sections, ...)
+        self.reply_hook: Callable[[DNSRecord, DNSRecord], None] | None = None
         # runtime state
         self._lock = threading.Lock()
         self._waiters: list[tuple[int, Callable[[], None]]] = []
@@ -685,6 +722,39 @@ class FakeUpstream:
         self._name_latency = _NameDict(convert=float)
         self._name_rcode = _NameDict(convert=_rcode_name)
         self._drop_names = _NameSet()
+        self._extra = {sec: [] for sec in _SECTIONS}
+        self._name_extra = _NameDict()
+        self._name_answer = _NameDict()
+        self.ttl_override = None
+        self.reply_hook = None
+
+    def inject(self, section: str, name: str, qtype: str | int, value: Any, ttl: int = 300,
+               *, qname: str | None = None) -> RR:
+        """Append a record to ``section`` (``answer``, ``authority`` or ``additional``) of
+        every NOERROR/NXDOMAIN reply, or only of replies to ``qname``; returns the RR.
+
+        The zone's own records come first; injected ones follow in the order added. Not
+        subject to ``strip_authority`` (which strips the zone's authority records only).
+        """
+        if section not in _SECTIONS:
+            raise ValueError(f"section must be one of {_SECTIONS}, got {section!r}")
+        rr = make_rr(name, qtype, value, ttl)
+        if qname is None:
+            self._extra = {**self._extra, section: [*self._extra[section], rr]}
+        else:
+            old = self._name_extra.get(qname) or {sec: [] for sec in _SECTIONS}
+            self._name_extra[qname] = {**old, section: [*old[section], rr]}
+        return rr
+
+    def set_answer(self, qname: str, *records: RR | tuple) -> None:
+        """Answer ``qname`` (any type) NOERROR with exactly ``records`` in the answer section
+        and no authority, whatever the zone holds; a record is an RR or a ``(name, type,
+        value[, ttl])`` tuple. With no records: NOERROR and an empty answer (NODATA without
+        SOA). ``clear_faults`` or ``unset_answer`` undoes it."""
+        self._name_answer[qname] = _rrs(records)
+
+    def unset_answer(self, qname: str) -> None:
+        self._name_answer.pop(qname, None)
 
     # ---- addresses
 
@@ -881,12 +951,18 @@ class FakeUpstream:
         elif q.qclass not in (CLASS.IN, 255):  # IN or ANY
             h.aa = 0
             h.rcode = _REFUSED
+        elif key in self._name_answer:
+            reply.rr = list(self._name_answer[key])
         else:
             res = self.zone.resolve(q.qname, q.qtype)
             h.rcode = res.rcode
             h.aa = 1 if res.aa else 0
             reply.rr = res.answer
             reply.auth = [] if self.strip_authority else res.authority
+        if h.opcode == 0 and h.rcode in (_NOERROR, _NXDOMAIN):
+            self._add_hostile(reply, key)
+        if self.reply_hook is not None:
+            self.reply_hook(req, reply)
 
         wire = reply.pack()
         if proto == "udp" and (self.truncate_udp or len(wire) > limit):
@@ -896,6 +972,20 @@ class FakeUpstream:
             h.tc = 1
             wire = reply.pack()
         return wire
+
+    def _add_hostile(self, reply: DNSRecord, key: str) -> None:
+        extra, per_name = self._extra, self._name_extra.get(key)
+        for sec, attr in zip(_SECTIONS, ("rr", "auth", "ar"), strict=True):
+            add = extra[sec] + (per_name[sec] if per_name else [])
+            if add:
+                if attr == "ar":  # before the OPT, which by convention comes last
+                    reply.ar = add + reply.ar
+                else:
+                    setattr(reply, attr, getattr(reply, attr) + add)
+        ttl = self.ttl_override
+        if ttl is not None:
+            reply.rr = [_rr(r.rname, r.rtype, ttl, r.rdata) for r in reply.rr]
+            reply.auth = [_rr(r.rname, r.rtype, ttl, r.rdata) for r in reply.auth]
 
     # ---- lifecycle
 

@@ -411,6 +411,107 @@ async def test_faults_can_be_cleared(up: FakeUpstream) -> None:
     assert r.rcode() == dns.rcode.NOERROR and len(r.answer[0]) == 2
 
 
+# --------------------------------------------------------------------------- hostile content
+
+
+async def test_inject_records_per_qname_and_for_every_reply(up: FakeUpstream) -> None:
+    up.inject("answer", "www.example.test", "A", "6.6.6.6", ttl=86400, qname="mail.example.test")
+    up.inject("authority", "example.test", "NS", "ns.attacker.test")
+    up.inject("additional", "ns.attacker.test", "A", "6.6.6.6")
+    for send in (udp, tcp):
+        r = await send(up, "mail.example.test", use_edns=0)
+        assert rrsets(r) == [("mail.example.test.", "A", 300, ["10.0.0.25"]),
+                             ("www.example.test.", "A", 86400, ["6.6.6.6"])]
+        assert rrsets(r, "authority") == [("example.test.", "NS", 300, ["ns.attacker.test."])]
+        assert rrsets(r, "additional") == [("ns.attacker.test.", "A", 300, ["6.6.6.6"])]
+        assert r.edns == 0  # the OPT is still there
+    # Other names get only the records injected for every reply.
+    r = await udp(up, "www.example.test")
+    assert rrsets(r) == [("www.example.test.", "A", 300, ["10.0.0.1", "10.0.0.2"])]
+    assert len(r.authority) == 1
+    # Negative answers carry them too, after the zone's SOA (unless it is stripped).
+    r = await udp(up, "nope.example.test")
+    assert r.rcode() == dns.rcode.NXDOMAIN
+    assert [x.rdtype for x in r.authority] == [dns.rdatatype.SOA, dns.rdatatype.NS]
+    up.strip_authority = True
+    r = await udp(up, "nope.example.test")
+    assert [x.rdtype for x in r.authority] == [dns.rdatatype.NS]
+    with pytest.raises(ValueError):
+        up.inject("glue", "x.example.test", "A", "1.2.3.4")
+
+
+async def test_set_answer_replaces_the_zone(up: FakeUpstream) -> None:
+    up.set_answer("x.example.test", ("y.example.test", "A", "10.0.0.9", 60))
+    for rdtype in ("A", "AAAA"):
+        r = await udp(up, "X.example.test", rdtype)
+        assert r.rcode() == dns.rcode.NOERROR and r.authority == []
+        assert rrsets(r) == [("y.example.test.", "A", 60, ["10.0.0.9"])]
+    up.set_answer("www.example.test")
+    r = await udp(up, "www.example.test")
+    assert r.rcode() == dns.rcode.NOERROR and r.answer == [] and r.authority == []
+    up.unset_answer("www.example.test")
+    assert len((await udp(up, "www.example.test")).answer[0]) == 2
+    # A name outside every zone is answered too (the zone would refuse it).
+    up.set_answer("victim.other.test", ("victim.other.test", "A", "6.6.6.6"))
+    assert rrsets(await udp(up, "victim.other.test"))[0][3] == ["6.6.6.6"]
+
+
+async def test_ttl_override_reaches_every_record(up: FakeUpstream) -> None:
+    from dnslib import DNSRecord
+
+    async def ttls(name: str) -> set[int]:
+        # dnslib, not dnspython: dnspython reads a TTL >= 2^31 as 0 (RFC 2181 section 8)
+        loop = asyncio.get_running_loop()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.setblocking(False)
+            s.connect((LOOPBACK, up.port))
+            s.send(_query(name).to_wire())
+            reply = DNSRecord.parse(await asyncio.wait_for(loop.sock_recv(s, 65535), TIMEOUT))
+        return {rr.ttl for rr in reply.rr + reply.auth}
+
+    up.ttl_override = 2**31
+    assert await ttls("alias.example.test") == {2**31}
+    assert await ttls("nope.example.test") == {2**31}
+    up.ttl_override = 2**32 - 1
+    assert await ttls("www.example.test") == {2**32 - 1}
+    up.ttl_override = 7
+    assert (await tcp(up, "www.example.test")).answer[0].ttl == 7
+
+
+async def test_reply_hook_can_rewrite_the_reply(up: FakeUpstream) -> None:
+    from dnslib import DNSLabel
+
+    def hook(req, reply) -> None:
+        reply.q.qname = DNSLabel(str(req.q.qname).upper())  # does not echo the case
+
+    up.reply_hook = hook
+    r = await udp(up, "www.example.test")
+    assert r.question[0].name.to_text() == "WWW.EXAMPLE.TEST."
+    up.reply_hook = lambda req, reply: 1 / 0  # a failing hook: no reply, server keeps going
+    with pytest.raises(dns.exception.Timeout):
+        await udp(up, "www.example.test", dns_timeout=0.3)
+    up.reply_hook = None
+    assert (await udp(up, "www.example.test")).rcode() == dns.rcode.NOERROR
+
+
+async def test_aaaa_dotted_forms(up: FakeUpstream) -> None:
+    up.zone.add("mapped.example.test", "AAAA", "::ffff:10.0.0.1")
+    up.zone.add("mapped.example.test", "AAAA", "64:ff9b::192.0.2.1")
+    r = await udp(up, "mapped.example.test", "AAAA")
+    assert sorted(rd.to_text() for rd in r.answer[0]) == ["64:ff9b::c000:201", "::ffff:10.0.0.1"]
+
+
+async def test_hostile_content_cleared_with_the_faults(up: FakeUpstream) -> None:
+    up.inject("answer", "www.example.test", "A", "6.6.6.6")
+    up.set_answer("mail.example.test")
+    up.ttl_override = 0
+    up.reply_hook = lambda req, reply: None
+    up.clear_faults()
+    assert up.ttl_override is None and up.reply_hook is None
+    assert rrsets(await udp(up, "mail.example.test")) == [
+        ("mail.example.test.", "A", 300, ["10.0.0.25"])]
+
+
 # --------------------------------------------------------------------------- robustness
 
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import dns.edns
 import dns.flags
 import dns.message
+import dns.name
 import dns.opcode
 import dns.rcode
 import dns.rdatatype
@@ -554,6 +555,45 @@ def test_valid_queries_against_live_upstream(live, data, tcp):
 def test_mutated_queries_against_live_upstream(live, data, tcp):
     """The miss path with odd names (bytes the upstream may reject): still a parsable reply."""
     check(data, live.handle(data, tcp, run=True), tcp)
+
+
+_HOSTILE_OWNERS = ["www.example.test", "mail.example.test", "example.test", "ns.attacker.test",
+                   "victim.other.test", "alias.example.test"]
+_hostile_record = st.tuples(
+    st.sampled_from(["answer", "authority", "additional"]),
+    st.sampled_from(_HOSTILE_OWNERS + ["{q}"]),
+    st.sampled_from([("A", "6.6.6.6"), ("AAAA", "2001:db8::666"), ("NS", "ns.attacker.test"),
+                     ("CNAME", "www.example.test"),
+                     ("SOA", "ns.attacker.test evil.attacker.test 1 3600 600 86400 3600")]),
+    st.sampled_from([60, 2**31, 2**32 - 1]))
+_fresh = iter(range(10**9))
+
+
+@examples(60)
+@given(extra=st.lists(_hostile_record, max_size=5), rdtype=st.sampled_from(["A", "AAAA"]),
+       base=st.sampled_from(["h{n}.example.test", "nope{n}.example.test"]), tcp=st.booleans())
+def test_hostile_upstream_records_never_reach_a_reply(live, extra, rdtype, base, tcp):
+    """Extra records of every kind in a miss's upstream reply: the sidecar's reply holds only
+    the question's own chain and the asked type at its end, an SOA at most in authority, and
+    no TTL above --max-ttl (a fresh name per example, so every one is a miss)."""
+    qname = base.format(n=next(_fresh))
+    for section, owner, (t, value), ttl in extra:
+        live.upstream.inject(section, owner.format(q=qname), t, value, ttl=ttl, qname=qname)
+    data = dns.message.make_query(qname, rdtype).to_wire()
+    msg = check(data, live.handle(data, tcp, run=True), tcp)
+    assert msg is not None and msg.rcode() in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN)
+    chain = [dns.name.from_text(qname)]
+    for rrset in msg.answer:
+        assert rrset.name == chain[-1], (rrset.name, chain)
+        if rrset.rdtype == dns.rdatatype.CNAME:
+            chain.append(rrset[0].target)
+        else:
+            assert rrset.rdtype == dns.rdatatype.from_text(rdtype)
+        assert rrset.ttl <= 86400
+    assert all(rrset.rdtype == dns.rdatatype.SOA for rrset in msg.authority)
+    assert len(msg.authority) <= 1 and not msg.additional
+    if msg.authority:
+        assert chain[-1].is_subdomain(msg.authority[0].name)
 
 
 # ------------------------------------------------------------------------------- known bugs
