@@ -25,15 +25,32 @@ STALE_REPLY_TTL = 30
 NEVER = float("inf")
 
 _interned: dict = {}
+#: Bound on the interning table, in (estimated) bytes: offset tuples of large answers are
+#: big, so a bound of 4096 values alone could hold hundreds of MiB.
+INTERN_MAX_BYTES = 1 << 20
+#: Values larger than this are not interned (shapes that big rarely repeat).
+INTERN_MAX_VALUE = 2048
+_interned_bytes = 0
+
+
+def _intern_size(value) -> int:
+    """Estimated bytes a value costs in the table (object, its items, the dict slot)."""
+    if isinstance(value, bytes):
+        return 33 + len(value) + 48
+    return 56 + 40 * len(value) + 48  # a tuple of ints (each up to 32 bytes) + the slot
 
 
 def _intern(value):
     """Share identical headers and TTL-offset tuples between entries: answers of the same
     shape have the same ones, and each copy would cost ~50 bytes per entry."""
+    global _interned_bytes
     got = _interned.get(value)
     if got is None:
         if len(_interned) < 4096:
-            _interned[value] = value
+            size = _intern_size(value)
+            if size <= INTERN_MAX_VALUE and _interned_bytes + size <= INTERN_MAX_BYTES:
+                _interned[value] = value
+                _interned_bytes += size
         return value
     return got
 
@@ -116,6 +133,23 @@ def stale_body(e: RawEntry) -> bytes:
     return bytes(buf)
 
 
+#: Bytes an entry costs beyond its key's and body's lengths: the two bytes objects' headers,
+#: the entry tuple, its floats, the dict slot, the queue slot and a share of ``used``
+#: (measured with tracemalloc on 100k entries, rounded up).
+ENTRY_OVERHEAD = 320
+#: Per TTL offset: its slot in the offsets tuple and the int object (when not interned).
+OFFSET_COST = 40
+#: An answer whose entry would cost more than this share of ``--cache-memory`` is answered
+#: but not stored: a few such answers would otherwise evict thousands of ordinary ones.
+MAX_ENTRY_SHARE = 1000
+
+
+def entry_size(key: bytes, e: RawEntry) -> int:
+    """The bytes the cache accounts for ``e`` under ``key`` (the same for every rendering of
+    ``e``: rendering rewrites TTLs in place, never the body's length)."""
+    return len(key) + len(e[BODY]) + OFFSET_COST * len(e[OFFSETS]) + ENTRY_OVERHEAD
+
+
 class Cache:
     """Bounded mapping of cache key -> :class:`Entry`, evicting by CLOCK (second chance).
 
@@ -123,6 +157,10 @@ class Cache:
     reads ``entries`` directly and marks a hit with ``used.add(key)``; everything else goes
     through the methods. Expired entries stay until evicted or replaced, so serve-stale can
     still use them.
+
+    Two bounds, whichever is reached first evicts: ``capacity`` entries and ``memory_limit``
+    bytes (``bytes`` is what the entries hold now, by :func:`entry_size`). Entries larger
+    than ``max_entry_bytes`` are not stored (``too_large`` counts them).
 
     Eviction takes the oldest key of the insertion queue; a key hit since it was queued goes
     to the back once instead (its mark is cleared), so an entry in use survives and one
@@ -136,6 +174,8 @@ class Cache:
         self.capacity = capacity
         #: Bound on the bytes held by the cached answers (``--cache-memory``).
         self.memory_limit = memory_limit
+        #: Largest entry stored; larger answers are answered but not cached.
+        self.max_entry_bytes = max(memory_limit // MAX_ENTRY_SHARE, ENTRY_OVERHEAD + 512)
         #: Bytes held by the cached answers now.
         self.bytes = 0
         self.entries: dict[bytes, RawEntry] = {}
@@ -147,6 +187,7 @@ class Cache:
         self.misses = 0
         self.evictions = 0
         self.inserts = 0
+        self.too_large = 0
         self.stale_served = 0
         self.prefetched = 0
 
@@ -159,7 +200,8 @@ class Cache:
         return None if raw is None else Entry._make(raw)
 
     def rendered_body(self, key: bytes, e: RawEntry, age: int) -> bytes:
-        """``e``'s body at ``age``; the re-rendered entry replaces ``e`` (same LRU place)."""
+        """``e``'s body at ``age``; the re-rendered entry replaces ``e`` (same LRU place,
+        same size)."""
         e = render(e, age)
         self.entries[key] = e
         return e[BODY]
@@ -176,29 +218,42 @@ class Cache:
         self.entries[key] = (e[:STORED] + (e[STORED] - seconds, e[EXPIRES] - seconds)
                              + e[AGE:PREFETCH_AT] + (e[PREFETCH_AT] - seconds,))
 
-    def put(self, key: bytes, entry: RawEntry) -> None:
-        """Insert or replace (a replaced entry counts as used); evict beyond the capacity."""
+    def put(self, key: bytes, entry: RawEntry) -> bool:
+        """Insert or replace (a replaced entry counts as used); evict beyond either bound.
+        False when ``entry`` is too large to store (any older entry for ``key`` is dropped:
+        the new answer supersedes it)."""
+        size = entry_size(key, entry)
+        if size > self.max_entry_bytes:
+            self.too_large += 1
+            self.delete(key)
+            return False
         entries = self.entries
-        if key in entries:
+        old = entries.get(key)
+        if old is not None:
             self.used.add(key)
+            size -= entry_size(key, old)
         else:
             self.queue.append(key)
         entries[key] = entry
+        self.bytes += size
         self.inserts += 1
-        if len(entries) > self.capacity:
+        if len(entries) > self.capacity or self.bytes > self.memory_limit:
             self._evict()
+        return True
 
     def _evict(self) -> None:
         entries, queue, used = self.entries, self.queue, self.used
-        while len(entries) > self.capacity and queue:
+        while (len(entries) > self.capacity or self.bytes > self.memory_limit) and queue:
             key = queue.popleft()
-            if key not in entries:
+            e = entries.get(key)
+            if e is None:
                 continue  # deleted since it was queued
             if key in used:
                 used.discard(key)
                 queue.append(key)
                 continue
             del entries[key]
+            self.bytes -= entry_size(key, e)
             self.evictions += 1
         if len(queue) > 2 * len(entries) + 1024:
             # Deleted keys that were stored again left extra slots behind; start afresh.
@@ -206,15 +261,18 @@ class Cache:
 
     def delete(self, key: bytes) -> bool:
         self.used.discard(key)
-        return self.entries.pop(key, None) is not None
+        e = self.entries.pop(key, None)
+        if e is None:
+            return False
+        self.bytes -= entry_size(key, e)
+        return True
 
     def delete_name(self, name_wire: bytes) -> int:
         """Remove every type and class of one name (given as lower-cased wire bytes)."""
         n = len(name_wire)
         doomed = [k for k in self.entries if len(k) == n + 4 and k[:n] == name_wire]
         for k in doomed:
-            del self.entries[k]
-            self.used.discard(k)
+            self.delete(k)
         return len(doomed)
 
     def clear(self) -> int:
@@ -222,6 +280,7 @@ class Cache:
         self.entries.clear()
         self.queue.clear()
         self.used.clear()
+        self.bytes = 0
         return n
 
     def items(self) -> Iterator[tuple[bytes, Entry]]:

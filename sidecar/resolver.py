@@ -12,9 +12,9 @@ import time
 
 from .cache import EXPIRES, RCODE, Cache, RawEntry
 from .coalesce import Coalescer
-from .encode import TtlPolicy, build_entry, servfail_entry
+from .encode import Answer, Rec, TtlPolicy, build_entry, servfail_entry
 from .errors import ResolveFailed
-from .inflight import Slots
+from .inflight import Slots, ZoneSlots, zone_key
 from .pool import PoolSet
 from .scrub import ScrubPolicy, scrub
 from .soa import SoaFinder
@@ -26,6 +26,25 @@ log = logging.getLogger("sidecar.resolver")
 #: upstreams are asked again (RFC 8767's "failure recheck", which it bounds at 5 minutes).
 STALE_RECHECK = 5.0
 
+#: Fetches that may wait for an in-flight slot, per ``--max-inflight`` slot (with a floor):
+#: beyond that a miss is answered SERVFAIL at once instead of parking memory in a queue
+#: that cannot drain in time anyway.
+QUEUE_PER_SLOT = 2
+QUEUE_MIN = 256
+#: Longest a fetch waits for a slot: this share of the budget (timeout x tries), floored.
+#: A client's stub gives up long before a whole budget spent queueing plus a whole budget
+#: spent asking; a SERVFAIL it still reads is better than a retransmission into the queue.
+QUEUE_WAIT_SHARE = 0.25
+QUEUE_WAIT_MIN = 1.5
+#: One zone (:func:`~sidecar.inflight.zone_key`) holds at most 1/ZONE_SHARE of the slots, so
+#: a flood under one zone always leaves the rest for others.
+ZONE_SHARE = 2
+#: A zone with fetches running longer than the slow threshold (a dead or very slow zone)
+#: starts no new fetch while it holds 1/SLOW_ZONE_SHARE of the slots: those misses are
+#: answered SERVFAIL at once (Unbound's jostle-timeout and dnsmasq's per-server limit, per
+#: zone). A zone that answers never counts as slow, whatever its burst.
+SLOW_ZONE_SHARE = 16
+
 
 class Resolver:
     """``lookup(key)`` / ``await resolve(key)`` -> (entry, stale). Never raises: failures
@@ -33,7 +52,9 @@ class Resolver:
 
     def __init__(self, cache: Cache, pools: PoolSet, policy: TtlPolicy, *,
                  max_inflight: int = 1024, budget: float = 4.0, serve_stale: int = 0,
-                 scrub_policy: ScrubPolicy | None = None) -> None:
+                 scrub_policy: ScrubPolicy | None = None, max_waiting: int | None = None,
+                 queue_wait: float | None = None, zone_limit: int | None = None,
+                 slow_zone_limit: int | None = None, slow_after: float | None = None) -> None:
         self.cache = cache
         self.scrub_policy = scrub_policy or ScrubPolicy()
         self.pools = pools
@@ -44,8 +65,33 @@ class Resolver:
         self.soa = SoaFinder(pools)
         self._slots = Slots(max_inflight)
         self.max_inflight = max_inflight
+        #: Bound on ``waiting`` (fetches queued for a global or a zone slot).
+        self.max_waiting = (max_waiting if max_waiting is not None
+                            else max(QUEUE_MIN, QUEUE_PER_SLOT * max_inflight))
+        #: Longest wait for a slot (global and zone waits together) before SERVFAIL.
+        self.queue_wait = (queue_wait if queue_wait is not None
+                           else min(budget, max(QUEUE_WAIT_MIN, budget * QUEUE_WAIT_SHARE)))
+        #: Fetches in flight per zone, at most.
+        self.zone_limit = (zone_limit if zone_limit is not None
+                           else max(min(max_inflight, 4), max_inflight // ZONE_SHARE))
+        #: Fetches waiting for one zone's slots, at most: a flood under one zone cannot
+        #: fill the whole queue.
+        self.zone_max_waiting = max(self.zone_limit, QUEUE_MIN // 4)
+        #: Fetches in flight for a zone that has slow ones, beyond which it is shed.
+        self.slow_zone_limit = (slow_zone_limit if slow_zone_limit is not None
+                                else max(1, max_inflight // SLOW_ZONE_SHARE))
+        timeout = getattr(getattr(pools, "default", None), "timeout", budget / 2)
+        #: A zone with a fetch still unanswered after this long is slow.
+        self.slow_after = (slow_after if slow_after is not None
+                           else min(1.0, max(0.2, timeout / 2)))
+        self._zones: dict[str, ZoneSlots] = {}
+        self._seq = 0
         self.waiting = 0          # fetches queued for a slot right now
-        self.shed = 0             # fetches that waited a whole budget for a slot
+        self.waiting_peak = 0     # the most that were ever queued at once
+        self.shed = 0             # fetches answered SERVFAIL without an upstream query
+        self.shed_full = 0        # ... because the waiting queue was full
+        self.shed_wait = 0        # ... because no slot came within queue_wait
+        self.shed_zone = 0        # ... because their zone was slow and at its limit
         self.failed = 0           # fetches that ended in SERVFAIL
         self._recheck: dict[bytes, float] = {}
 
@@ -120,40 +166,53 @@ class Resolver:
 
     async def _fetch_inner(self, key: bytes) -> tuple[RawEntry, bool]:
         name = qname_text(key)
-        qtype = key_type(key)
-        if not self._slots.take():
-            self.waiting += 1
-            try:
-                got = await self._slots.wait(self.budget)
-            finally:
-                self.waiting -= 1
-            if not got:
-                self.shed += 1
-                log.warning("upstream concurrency bound (%d) full for %.1fs: SERVFAIL for %s",
-                            self.max_inflight, self.budget, name)
-                return self._failure(key, "shed")
+        zkey = zone_key(name)
+        zones = self._zones
+        zone = zones.get(zkey)
+        if zone is None:
+            zone = zones[zkey] = ZoneSlots(self.zone_limit)
         try:
-            pool = self.pools.pool_for(name)
-            try:
-                answer = await pool.query(name, qtype)
-            except ResolveFailed as exc:
-                return self._failure(key, exc.kind)
-            answer = scrub(name, qtype, answer, self.scrub_policy)
-            soa = None
-            # (the last record first: a positive answer skips the generator)
-            cname_only = (qtype != 5 and answer.answer and answer.answer[-1].type == 5
-                          and all(r.type == 5 for r in answer.answer))
-            negative = answer.rcode == NXDOMAIN or not answer.answer or cname_only
-            if negative and not any(r.type == 6 for r in answer.authority):
-                # No SOA came with the negative answer: learn it (soa.py), RFC 2308.
-                target = name
-                if cname_only:
-                    target = qname_text(answer.answer[-1].rdata).lower()
-                soa = await self.soa.find(target, include_self=answer.rcode != NXDOMAIN)
+            return await self._fetch_in_zone(key, name, zone)
         finally:
-            self._slots.release()
+            if zone.idle and zones.get(zkey) is zone:
+                del zones[zkey]
+
+    async def _fetch_in_zone(self, key: bytes, name: str, zone: ZoneSlots
+                             ) -> tuple[RawEntry, bool]:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if zone.held >= self.slow_zone_limit and zone.slow_since(now - self.slow_after):
+            return self._shed(key, name, "zone")
+        deadline = now + self.queue_wait
+        if not zone.take():
+            if self.waiting >= self.max_waiting or zone.waiting >= self.zone_max_waiting:
+                return self._shed(key, name, "full")
+            if not await self._wait(zone, self.queue_wait):
+                return self._shed(key, name, "wait")
+            if (zone.held > self.slow_zone_limit
+                    and zone.slow_since(loop.time() - self.slow_after)):
+                zone.release()
+                return self._shed(key, name, "zone")
+        try:
+            slots = self._slots
+            if not slots.take():
+                if self.waiting >= self.max_waiting:
+                    return self._shed(key, name, "full")
+                if not await self._wait(slots, max(0.0, deadline - loop.time())):
+                    return self._shed(key, name, "wait")
+            self._seq = token = self._seq + 1
+            zone.started[token] = loop.time()
+            try:
+                answer, soa = await self._ask(name, key_type(key))
+            finally:
+                slots.release()
+                del zone.started[token]
+        finally:
+            zone.release()
+        if answer is None:
+            return self._failure(key, str(soa))
         now = time.monotonic()
-        entry = build_entry(key, qtype, answer, soa, self.policy, now, name)
+        entry = build_entry(key, key_type(key), answer, soa, self.policy, now, name)
         if entry[EXPIRES] > now:
             self.cache.put(key, entry)
         else:
@@ -161,7 +220,57 @@ class Resolver:
         self._recheck.pop(key, None)
         return entry, False
 
-    def _failure(self, key: bytes, kind: str) -> tuple[RawEntry, bool]:
+    async def _wait(self, slots: Slots, timeout: float) -> bool:
+        self.waiting += 1
+        if self.waiting > self.waiting_peak:
+            self.waiting_peak = self.waiting
+        try:
+            return await slots.wait(timeout)
+        finally:
+            self.waiting -= 1
+
+    async def _ask(self, name: str, qtype: int) -> tuple[Answer | None, Rec | str | None]:
+        """``(answer, soa)``: the upstream's answer and, for a negative one that came
+        without, the SOA learned by at most one more query (on the same slots); or
+        ``(None, kind)`` when no upstream answered."""
+        pool = self.pools.pool_for(name)
+        try:
+            answer = await pool.query(name, qtype)
+        except ResolveFailed as exc:
+            return None, exc.kind
+        answer = scrub(name, qtype, answer, self.scrub_policy)
+        soa = None
+        # (the last record first: a positive answer skips the generator)
+        cname_only = (qtype != 5 and answer.answer and answer.answer[-1].type == 5
+                      and all(r.type == 5 for r in answer.answer))
+        negative = answer.rcode == NXDOMAIN or not answer.answer or cname_only
+        if negative and not any(r.type == 6 for r in answer.authority):
+            # No SOA came with the negative answer: learn it (soa.py), RFC 2308.
+            target = name
+            if cname_only:
+                target = qname_text(answer.answer[-1].rdata).lower()
+            soa = await self.soa.find(target, include_self=answer.rcode != NXDOMAIN)
+        return answer, soa
+
+    def _shed(self, key: bytes, name: str, why: str) -> tuple[RawEntry, bool]:
+        """SERVFAIL (or a stale answer) without asking anyone, not cached: the overload is
+        ours, not the name's."""
+        self.shed += 1
+        if why == "full":
+            self.shed_full += 1
+            log.warning("upstream queue full (%d waiting for %d slots): SERVFAIL for %s",
+                        self.waiting, self.max_inflight, name)
+        elif why == "wait":
+            self.shed_wait += 1
+            log.warning("no upstream slot (of %d) within %.1fs: SERVFAIL for %s",
+                        self.max_inflight, self.queue_wait, name)
+        else:
+            self.shed_zone += 1
+            log.warning("zone %s is slow and at its limit (%d in flight): SERVFAIL for %s",
+                        zone_key(name), self.slow_zone_limit, name)
+        return self._failure(key, "shed", store=False)
+
+    def _failure(self, key: bytes, kind: str, store: bool = True) -> tuple[RawEntry, bool]:
         self.failed += 1
         if self.serve_stale:
             old = self._usable_stale(key)
@@ -171,6 +280,7 @@ class Resolver:
                 self._recheck[key] = time.monotonic() + STALE_RECHECK
                 return old, True
         entry = servfail_entry(time.monotonic(), self.policy)
-        if self.policy.servfail_ttl > 0 and not (self.serve_stale and key in self.cache.entries):
+        if store and self.policy.servfail_ttl > 0 and not (
+                self.serve_stale and key in self.cache.entries):
             self.cache.put(key, entry)
         return entry, False

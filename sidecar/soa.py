@@ -2,10 +2,14 @@
 
 The fallback for negative answers that arrive without an SOA in their authority section
 (an upstream that strips it, or the ``query_dns`` path when ``caresquery`` is unavailable):
-the SOA a negative answer must carry is then learned with SOA queries of the name's
-ancestors. All unknown ancestors are asked at once (one round trip), and what is learned
-(this name is a zone apex with this SOA / is not an apex) is remembered, so later negative
-answers under the same zone cost no extra upstream query.
+the SOA a negative answer must carry is then learned with one SOA query, made on the
+fetch's own in-flight slot. Asking every ancestor at once cost a query per label (60 and more
+for a long name, outside any bound); instead the closest apex already known is used, else
+one name is asked: the registrable-domain guess (:func:`~sidecar.inflight.zone_key`), which
+is the apex for most names, and whose reply also carries the enclosing zone's SOA in its
+authority section when it is not (NXDOMAIN/NODATA). What is learned (an apex and its SOA,
+or "asked, nothing learned") is remembered, so later negative answers under the same zone
+cost no extra upstream query.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import time
 from typing import Any
 
 from .errors import ResolveFailed, UpstreamError
+from .inflight import zone_key
 from .wire import NOERROR
 
 _NOT_APEX_TTL = 300.0
@@ -40,23 +45,35 @@ class SoaFinder:
         out.append("")
         return out
 
+    @staticmethod
+    def guess(name: str, include_self: bool) -> str:
+        """The one name whose SOA is asked for ``name``: its registrable-domain guess, or
+        its parent when that guess is the name itself and the name does not exist."""
+        cand = zone_key(name)
+        if cand == name and not include_self:
+            dot = name.find(".")
+            cand = name[dot + 1 :] if dot >= 0 else ""
+        return cand
+
     async def find(self, name: str, include_self: bool) -> Any | None:
+        """The SOA of the closest known apex above ``name`` (or at it, with
+        ``include_self``), after at most one upstream query; None when none is known."""
+        soa = self._closest(name, include_self)
+        if soa is not None:
+            return soa
+        cand = self.guess(name, include_self)
+        hit = self.known.get(cand)
+        if hit is not None and hit[0] > time.monotonic():
+            return None  # asked lately and nothing usable came back
+        await self._learn(cand)
+        return self._closest(name, include_self)
+
+    def _closest(self, name: str, include_self: bool) -> Any | None:
         now = time.monotonic()
-        candidates = self.ancestors(name, include_self)
-        unknown: list[str] = []
-        for cand in candidates:
-            hit = self.known.get(cand)
-            if hit is not None and hit[0] > now:
-                if hit[1] is not None:
-                    break  # the closest known apex; nothing above it matters
-                continue
-            unknown.append(cand)
-        if unknown:
-            await asyncio.gather(*(self._learn(c) for c in unknown))
-        now = time.monotonic()
-        for cand in candidates:
-            hit = self.known.get(cand)
-            if hit is not None and hit[0] > now and hit[1] is not None:
+        known = self.known
+        for cand in self.ancestors(name, include_self):
+            hit = known.get(cand)
+            if hit is not None and hit[1] is not None and hit[0] > now:
                 return hit[1]
         return None
 
@@ -81,20 +98,31 @@ class SoaFinder:
         except (ResolveFailed, UpstreamError):
             # Unknown; remember briefly so an outage or a refusing upstream does not cost an
             # extra query per negative answer.
-            self.known[cand] = (time.monotonic() + _FAILED_TTL, None)
+            self._remember(cand, time.monotonic() + _FAILED_TTL, None)
             return
         now = time.monotonic()
-        soa = None
+        soa, apex = None, cand
         if ans.rcode == NOERROR:
             for rec in ans.answer:
                 if rec.type == 6 and rec.name.rstrip(".").lower() == cand:
                     soa = rec
                     break
-        if len(self.known) >= _MAX_KNOWN:
+        if soa is None:
+            # Not an apex: a NODATA/NXDOMAIN reply names the enclosing zone in its authority.
+            for rec in ans.authority:
+                owner = rec.name.rstrip(".").lower()
+                if rec.type == 6 and (not owner or owner == cand
+                                      or cand.endswith("." + owner)):
+                    soa, apex = rec, owner
+                    break
+        if soa is not None:
+            self._remember(apex, now + max(1, min(soa.ttl, 3600)), soa)
+        if apex != cand or soa is None:
+            self._remember(cand, now + _NOT_APEX_TTL, None)
+
+    def _remember(self, name: str, expires: float, soa: Any | None) -> None:
+        if len(self.known) >= _MAX_KNOWN and name not in self.known:
             # Drop the oldest tenth; dicts keep insertion order.
             for k in list(self.known)[: _MAX_KNOWN // 10]:
                 del self.known[k]
-        if soa is not None:
-            self.known[cand] = (now + max(1, min(soa.ttl, 3600)), soa)
-        else:
-            self.known[cand] = (now + _NOT_APEX_TTL, None)
+        self.known[name] = (expires, soa)

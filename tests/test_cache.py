@@ -1,8 +1,12 @@
-"""The cache's bound and eviction order (CLOCK), on the Cache object itself."""
+"""The cache's bounds (entries and bytes) and eviction order (CLOCK), on the Cache object."""
 
 from __future__ import annotations
 
-from sidecar.cache import Cache, new_entry
+import random
+import tracemalloc
+
+from sidecar import cache as cache_mod
+from sidecar.cache import Cache, entry_size, new_entry
 
 
 def _entry() -> tuple:
@@ -39,3 +43,91 @@ def test_bound_holds_under_delete_and_reinsert_churn() -> None:
     assert c.used <= set(c.entries)  # no mark outlives its entry
     c.clear()
     assert not c.entries and not c.queue and not c.used
+
+
+# ------------------------------------------------------------------ the byte bound
+
+
+def _sized(n: int, offsets: tuple[int, ...] = (6,)) -> tuple:
+    return new_entry(0, 1, 0, 0, b"x" * max(n, 10), offsets, 0.0, 60.0)
+
+
+def _accounted(c: Cache) -> int:
+    return sum(entry_size(k, e) for k, e in c.entries.items())
+
+
+def test_bytes_follow_every_change() -> None:
+    # Both bounds are reached in turn: 3,000 keys of ~900 bytes exceed the 1.5 MB.
+    c = Cache(2_000, memory_limit=1_500_000)
+    rng = random.Random(7)
+    for i in range(20_000):
+        k = b"\x05n%04d\x00\x00\x01\x00\x01" % rng.randrange(3_000 if i < 10_000 else 2_500)
+        op = rng.randrange(10)
+        if op < 5:
+            assert c.put(k, _sized(rng.randrange(0, 1_100)))
+        elif op == 5:
+            c.delete(k)
+        elif op == 6 and k in c.entries:
+            c.used.add(k)
+            c.rendered_body(k, c.entries[k], rng.randrange(1, 50))  # what a hit does
+        elif op == 7:
+            c.delete_name(k[:-4])
+        elif op == 8 and i % 5_000 == 0:
+            c.clear()
+        elif k in c.entries:
+            c.backdate(k, 1.0)
+            c.no_prefetch(k, c.entries[k])
+        assert c.bytes <= c.memory_limit and len(c.entries) <= c.capacity
+        if i % 100 == 0:
+            assert c.bytes == _accounted(c)
+    assert c.bytes == _accounted(c) and c.evictions > 1_000
+
+
+def test_the_byte_bound_evicts_before_the_entry_bound() -> None:
+    c = Cache(100_000, memory_limit=1_000_000)
+    for i in range(3_000):
+        c.put(b"name%d" % i, _sized(500))
+    size = entry_size(b"name0", _sized(500))
+    assert c.bytes <= 1_000_000 and abs(len(c.entries) - 1_000_000 // size) <= 5
+    assert c.evictions == 3_000 - len(c.entries)
+    assert b"name2999" in c.entries and b"name0" not in c.entries  # oldest go first
+
+
+def test_answers_too_large_are_not_stored() -> None:
+    big = _sized(61_000)  # a 61 KB TXT answer
+    small = Cache(100, memory_limit=8 * 1024 * 1024)
+    assert small.max_entry_bytes < 61_000
+    small.put(b"t", _sized(100))
+    assert small.put(b"t", big) is False
+    assert b"t" not in small.entries and small.bytes == 0 and small.too_large == 1
+    large = Cache(100, memory_limit=256 * 1024 * 1024)
+    assert large.put(b"t", big) and large.bytes == entry_size(b"t", big)
+
+
+def test_accounted_bytes_match_what_python_allocates() -> None:
+    # The accounting must not undercount (the bound would be a lie) nor overcount much.
+    n = 20_000
+    c = Cache(n * 2, memory_limit=1 << 40)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(n):
+            key = b"\x04host" + str(i).encode() + b"\x07example\x03com\x00\x00\x01\x00\x01"
+            body = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x01\x2c\x00\x04" + i.to_bytes(4, "big")
+            c.put(key, new_entry(0, 1, 0, 0, body * (1 + i % 8), (6,), float(i), 300.0))
+        for k in list(c.entries)[::3]:
+            c.used.add(k)
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert used <= c.bytes <= 1.5 * used, (used, c.bytes)
+
+
+def test_interning_table_is_bounded_in_bytes() -> None:
+    for i in range(5_000):
+        cache_mod._intern(tuple(range(i, i + 1 + i % 400)))  # distinct offset tuples
+    assert cache_mod._interned_bytes <= cache_mod.INTERN_MAX_BYTES
+    est = sum(cache_mod._intern_size(v) for v in cache_mod._interned)
+    assert est == cache_mod._interned_bytes
+    huge = tuple(range(10_000))
+    assert cache_mod._intern(huge) is huge and huge not in cache_mod._interned

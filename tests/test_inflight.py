@@ -1,10 +1,13 @@
-"""The upstream in-flight bound (sidecar.inflight.Slots): FIFO hand-over, no slot leaks."""
+"""The upstream in-flight bound (sidecar.inflight.Slots): FIFO hand-over, no slot leaks; the
+per-zone slots and the zone key they are grouped by."""
 
 from __future__ import annotations
 
 import asyncio
 
-from sidecar.inflight import Slots
+import pytest
+
+from sidecar.inflight import Slots, ZoneSlots, zone_key
 
 
 async def test_take_until_full_then_release_frees():
@@ -82,3 +85,41 @@ async def test_the_bound_is_held_under_load():
 
     await asyncio.gather(*(fetch() for _ in range(50)))
     assert peak == 3 and s.free == 3
+
+
+async def test_waiting_held_and_idle_are_counted():
+    s = Slots(1)
+    assert s.idle and s.held == 0
+    assert s.take()
+    assert s.held == 1 and not s.idle
+    task = asyncio.create_task(s.wait(5))
+    await asyncio.sleep(0)
+    assert s.waiting == 1
+    s.release()
+    assert await task and s.waiting == 0 and s.held == 1
+    assert await s.wait(0.01) is False and s.waiting == 0  # a timed-out wait is uncounted
+    s.release()
+    assert s.idle
+
+
+def test_zone_slow_since_looks_at_the_oldest_fetch():
+    z = ZoneSlots(4)
+    assert not z.slow_since(100.0)
+    z.started.update({1: 10.0, 2: 20.0, 3: 30.0})
+    assert z.slow_since(15.0) and not z.slow_since(5.0)
+    del z.started[1]  # the oldest answered: the next one decides
+    assert not z.slow_since(15.0) and z.slow_since(25.0)
+
+
+@pytest.mark.parametrize("name, key", [
+    ("www.example.com", "example.com"),
+    ("a.b.c.example.test", "example.test"),
+    ("x.y.shop.co.uk", "shop.co.uk"),
+    ("www.abc.com", "abc.com"),
+    ("x.github.io", "github.io"),
+    ("example.com", "example.com"),
+    ("com", "com"),
+    ("", ""),
+])
+def test_zone_key(name, key):
+    assert zone_key(name) == key
