@@ -35,10 +35,12 @@ from .wire import (
     BADVERS,
     CLASS_IN,
     FORMERR,
+    MIN_UDP_PAYLOAD,
     NOERROR,
     NOTIMP,
     OPT_RR,
     REFUSED,
+    SERVFAIL,
     ParsedQuery,
     error_reply,
     header_only_reply,
@@ -60,17 +62,32 @@ class PendingReply:
     cancel it. Once it is done, ``reply(fut)`` renders this client's answer (None: stay
     silent). Dropping an unstarted PendingReply costs nothing."""
 
-    __slots__ = ("data", "handler", "q", "tcp")
+    __slots__ = ("data", "handler", "host", "q", "started", "tcp")
 
-    def __init__(self, handler: QueryHandler, data: bytes, q: ParsedQuery, tcp: bool) -> None:
-        self.handler, self.data, self.q, self.tcp = handler, data, q, tcp
+    def __init__(self, handler: QueryHandler, data: bytes, q: ParsedQuery, tcp: bool,
+                 host: str = "") -> None:
+        self.handler, self.data, self.q, self.tcp, self.host = handler, data, q, tcp, host
+        self.started = False
 
     def start(self) -> asyncio.Future:
         """Needs the running event loop."""
-        return self.handler.resolver.lookup(self.q.key)
+        fut = self.handler.resolver.lookup(self.q.key)
+        # Counted once started (an unstarted reply costs nothing), released in reply().
+        self.started = True
+        waiting = self.handler.client_pending
+        waiting[self.host] = waiting.get(self.host, 0) + 1
+        return fut
 
     def reply(self, fut: asyncio.Future) -> bytes | None:
         """The answer, once ``fut`` (what ``start()`` returned) is done."""
+        if self.started:
+            self.started = False
+            waiting = self.handler.client_pending
+            left = waiting.get(self.host, 1) - 1
+            if left > 0:
+                waiting[self.host] = left
+            else:
+                waiting.pop(self.host, None)
         if fut.cancelled():
             return None  # cancelled at shutdown
         return self.handler._finish_miss(self.data, self.q, self.tcp, fut)
@@ -78,21 +95,36 @@ class PendingReply:
 
 Reply = bytes | None | PendingReply
 
+#: Default bound on one client's misses waiting for an upstream, per ``--max-inflight``
+#: upstream slot. Generous on purpose: every crawler process on a pod shares 127.0.0.1, and
+#: a burst of cold names (A and AAAA each) must pass; what this stops is one address parking
+#: an unbounded number of waiters (memory, and the shared queue) behind slow names.
+PENDING_PER_CLIENT_PER_SLOT = 4
+
 
 class QueryHandler:
     """Answers queries from the cache and hands misses to the resolver.
 
     Counters (read by the stats API): ``rcodes`` (replies per RCODE), ``dropped`` (no reply:
-    QR=1 or unreadable header), ``truncated`` (UDP replies sent with TC=1).
+    QR=1 or unreadable header), ``truncated`` (UDP replies sent with TC=1), ``ratelimited``
+    (dropped by the rate limit), ``client_shed`` (SERVFAIL because the client already had
+    ``max_pending_per_client`` misses waiting).
     """
 
     def __init__(self, cache: Cache, resolver: Resolver, *, acl: Acl | None = None,
                  no_aaaa: bool = False, ratelimit: RateLimiter | None = None,
-                 max_udp_size: int = 1232) -> None:
+                 max_udp_size: int = 1232, max_pending_per_client: int | None = None) -> None:
         #: ``--max-udp-size``: cap on any UDP reply, whatever the client advertises.
-        self.max_udp_size = max_udp_size
+        self.max_udp_size = max(int(max_udp_size), MIN_UDP_PAYLOAD)
         #: Queries dropped by the rate limit (no reply at all).
         self.ratelimited = 0
+        #: Misses started and not yet answered, per client address (UDP and TCP together).
+        self.client_pending: dict[str, int] = {}
+        if max_pending_per_client is None:
+            slots = getattr(resolver, "max_inflight", 0) or 1024
+            max_pending_per_client = max(1000, PENDING_PER_CLIENT_PER_SLOT * slots)
+        self.max_pending_per_client = max_pending_per_client
+        self.client_shed = 0
         self.cache = cache
         self.resolver = resolver
         self.acl = acl or Acl(())
@@ -126,9 +158,9 @@ class QueryHandler:
                     o = qend
                     if (o + 11 <= n and data[o] == 0 and data[o + 1] == 0 and data[o + 2] == 41
                             and data[o + 6] == 0 and o + 11 + ((data[o + 9] << 8) | data[o + 10]) == n):
+                        # Not floored at 512 here: any reply up to 512 bytes goes out below
+                        # before the advertised size or --max-udp-size is looked at.
                         udp_size = (data[o + 3] << 8) | data[o + 4]
-                        if udp_size < 512:
-                            udp_size = 512
                     else:
                         qend = 0
                 elif qend != n:
@@ -144,6 +176,7 @@ class QueryHandler:
                         now = _monotonic()
                         if now < e[5] and self._acl_get(host):
                             if self.ratelimit is not None and not self.ratelimit.allow(host):
+                                self.ratelimited += 1
                                 return None
                             self._touch(key)
                             self.cache.hits += 1
@@ -158,9 +191,11 @@ class QueryHandler:
                                                   OPT_RR))
                             else:
                                 reply = b"".join((data[:2], _B2[rd], e[0], data[12:qend], body))
-                            if tcp or len(reply) <= udp_size:
+                            if tcp or len(reply) <= 512 or (len(reply) <= udp_size
+                                                            and len(reply) <= self.max_udp_size):
                                 return reply
-                            self.truncated += 1  # too big for the client's UDP size: TC=1
+                            # Too big for the client's UDP size or --max-udp-size: TC=1.
+                            self.truncated += 1
                             return b"".join((data[:2], _B2_TC[rd], e[0][:1], _TC_TAIL[edns],
                                              data[12:qend], OPT_RR if edns else b""))
         return self._handle_full(data, host, tcp)
@@ -169,6 +204,11 @@ class QueryHandler:
         """Everything the fast path does not answer: full parse, access check, misses."""
         if len(data) < 12 or data[2] & 0x80:
             self.dropped += 1  # unreadable header, or a response: never answered
+            return None
+        # Before any reply, NOTIMP and FORMERR included: silence for a rate-limited client,
+        # or junk packets from a spoofed source would still be reflected.
+        if self.ratelimit is not None and not self.ratelimit.allow(host):
+            self.ratelimited += 1
             return None
         if data[2] & 0x78:
             self.rcodes[NOTIMP] += 1
@@ -181,8 +221,6 @@ class QueryHandler:
         allowed = self.acl.cache.get(host)
         if allowed is None:
             allowed = self.acl.check(host)
-        if self.ratelimit is not None and not self.ratelimit.allow(host):
-            return None  # silence: never answer a rate-limited client with anything
         if not allowed:
             self.denied += 1
             self.rcodes[REFUSED] += 1
@@ -212,11 +250,18 @@ class QueryHandler:
         if q.qtype == TYPE_AAAA and self.no_aaaa:
             self.rcodes[NOERROR] += 1
             return error_reply(data, q, NOERROR)
+        if self.client_pending.get(host, 0) >= self.max_pending_per_client:
+            # SERVFAIL at once rather than silence: a stub retransmitting after its timeout
+            # would only meet the same bound, and over TCP (RFC 7766) a query left unanswered
+            # stalls the client's stream. The reply is no larger than the query.
+            self.client_shed += 1
+            self.rcodes[SERVFAIL] += 1
+            return error_reply(data, q, SERVFAIL)
         cache.misses += 1
-        return self._miss(data, q, tcp)
+        return self._miss(data, q, tcp, host)
 
-    def _miss(self, data: bytes, q: ParsedQuery, tcp: bool) -> PendingReply:
-        return PendingReply(self, data, q, tcp)
+    def _miss(self, data: bytes, q: ParsedQuery, tcp: bool, host: str = "") -> PendingReply:
+        return PendingReply(self, data, q, tcp, host)
 
     def _finish_miss(self, data: bytes, q: ParsedQuery, tcp: bool,
                      fut: asyncio.Future) -> bytes | None:
@@ -236,7 +281,7 @@ class QueryHandler:
             reply = b"".join((data[:2], _B2[rd], e[HDR_EDNS], question, body, OPT_RR))
         else:
             reply = b"".join((data[:2], _B2[rd], e[HDR], question, body))
-        if tcp or len(reply) <= q.udp_size:
+        if tcp or len(reply) <= q.udp_size and len(reply) <= self.max_udp_size:
             return reply
         # Does not fit the client's UDP size: header + question (+ OPT) with TC=1, so the
         # client retries over TCP (RFC 7766).

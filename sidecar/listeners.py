@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING
 
 from .config import HostPort
 from .errors import StartupError
+from .log import limit_repeats
 
 if TYPE_CHECKING:
+    from .acl import Acl
     from .handler import PendingReply
 
 log = logging.getLogger("sidecar.listen")
@@ -27,6 +29,12 @@ Handle = Callable[[bytes, str, bool], object]
 
 #: Queries one TCP connection may have in flight before we stop reading from it.
 TCP_MAX_PENDING = 128
+#: Unsent reply bytes above which a connection counts as not reading (asyncio's
+#: pause_writing): we stop reading its queries until it drains.
+TCP_WRITE_HIGH = 64 * 1024
+#: Unsent reply bytes above which a connection is dropped (misses answered after the pause
+#: still add to it): sixteen replies of the largest size.
+TCP_MAX_BUFFERED = 16 * 65537
 
 
 def _track(pending: set[asyncio.Future], fut: asyncio.Future) -> None:
@@ -100,30 +108,74 @@ class TcpConnection(asyncio.Protocol):
         self.buf = bytearray()
         self.host = ""
         self.pending = 0
+        self.counted = False
+        # Idle time counts from the last complete query (or reply), not the last byte: a
+        # client trickling one byte at a time must not hold its slot forever.
         self.last_active = time.monotonic()
         self.timer: asyncio.TimerHandle | None = None
+        self.drain_timer: asyncio.TimerHandle | None = None
         self.paused_reading = False
         self.write_paused = False
+        self.eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         srv = self.server
+        peer = transport.get_extra_info("peername")
+        self.host = host = peer[0] if peer else ""
         if srv.closing or len(srv.connections) >= srv.max_connections:
             srv.rejected += 1
             transport.abort()  # type: ignore[attr-defined]
             return
-        peer = transport.get_extra_info("peername")
-        self.host = peer[0] if peer else ""
+        acl = srv.acl
+        if acl is not None:
+            allowed = acl.cache.get(host)
+            if allowed is None:
+                allowed = acl.check(host)
+            if not allowed:
+                # Closed before it holds a slot: a denied address gets nothing but REFUSED
+                # over TCP anyway, and 256 of its connections would lock out everyone else.
+                srv.denied += 1
+                transport.abort()  # type: ignore[attr-defined]
+                return
+        count = srv.per_client.get(host, 0)
+        if count >= srv.max_per_client:
+            srv.rejected += 1
+            srv.client_rejected += 1
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        srv.per_client[host] = count + 1
+        self.counted = True
         srv.connections.add(self)
         srv.accepted += 1
+        transport.set_write_buffer_limits(high=TCP_WRITE_HIGH)  # type: ignore[attr-defined]
         self.timer = asyncio.get_running_loop().call_later(srv.idle_timeout, self._idle_check)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server.connections.discard(self)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        srv = self.server
+        srv.connections.discard(self)
+        if self.counted:
+            self.counted = False
+            left = srv.per_client.get(self.host, 1) - 1
+            if left > 0:
+                srv.per_client[self.host] = left
+            else:
+                srv.per_client.pop(self.host, None)
+        for timer in (self.timer, self.drain_timer):
+            if timer is not None:
+                timer.cancel()
+        self.timer = self.drain_timer = None
         self.transport = None
+
+    def _close(self) -> None:
+        """Close; drop what the client left unread instead of waiting for it to read."""
+        t = self.transport
+        if t is None:
+            return
+        if t.get_write_buffer_size():
+            t.abort()
+        else:
+            t.close()
 
     def _idle_check(self) -> None:
         if self.transport is None:
@@ -132,30 +184,42 @@ class TcpConnection(asyncio.Protocol):
         timeout = self.server.idle_timeout
         if self.pending == 0 and idle >= timeout:
             self.server.idle_closed += 1
-            self.transport.close()
+            if self.buf:
+                self.server.slow_closed += 1  # an incomplete query frame
+            self._close()
             return
         wait = timeout - idle if self.pending == 0 else timeout
         self.timer = asyncio.get_running_loop().call_later(max(wait, 0.05), self._idle_check)
 
     def data_received(self, data: bytes) -> None:
-        self.last_active = time.monotonic()
+        self.buf += data
+        self._process()
+
+    def _process(self) -> None:
+        """Dispatch the complete queries in ``buf`` while the client reads its replies and
+        has fewer than ``TCP_MAX_PENDING`` misses waiting; the rest waits in ``buf`` (reading
+        is paused meanwhile, so ``buf`` holds at most one read)."""
         buf = self.buf
-        buf += data
-        while len(buf) >= 2:
+        while len(buf) >= 2 and not self.write_paused and self.pending < TCP_MAX_PENDING:
             size = (buf[0] << 8) | buf[1]
             if len(buf) < 2 + size:
                 break
             msg = bytes(buf[2 : 2 + size])
             del buf[: 2 + size]
+            self.last_active = time.monotonic()
             self.server.received += 1
             self._dispatch(msg)
             if self.transport is None:
                 return
+        if self.eof and self.pending == 0 and self.transport is not None and (
+                len(buf) < 2 or len(buf) < 2 + ((buf[0] << 8) | buf[1])):
+            self.transport.close()  # half-closed and all it sent is answered: flush, close
 
     def eof_received(self) -> bool:
         # Half-close: keep the write side open until pending replies are out.
+        self.eof = True
         if self.pending == 0 and self.transport is not None:
-            self.transport.close()
+            self._process()
         return True
 
     def _dispatch(self, msg: bytes) -> None:
@@ -201,6 +265,10 @@ class TcpConnection(asyncio.Protocol):
         if self.paused_reading and self.pending < TCP_MAX_PENDING // 2 and not self.write_paused:
             t.resume_reading()
             self.paused_reading = False
+        if self.buf or self.eof:
+            self._process()
+            if self.transport is None:
+                return
         if self.pending == 0 and (t.is_closing() or not t.is_reading() and self.server.closing):
             t.close()
 
@@ -209,40 +277,92 @@ class TcpConnection(asyncio.Protocol):
         if t is not None and not t.is_closing():
             t.write(len(reply).to_bytes(2, "big") + reply)
             self.last_active = time.monotonic()
+            if t.get_write_buffer_size() > self.server.max_buffered:
+                # The client does not read, and the replies of misses it queued before we
+                # paused keep coming: drop it rather than hold its replies in memory.
+                self.server.overflow_closed += 1
+                t.abort()
 
     def pause_writing(self) -> None:
-        # The client does not read its replies: stop reading its queries.
+        # The client does not read its replies: stop reading its queries, and give it
+        # until the drain deadline to catch up.
         self.write_paused = True
         if self.transport is not None and not self.paused_reading:
             self.transport.pause_reading()
             self.paused_reading = True
+        if self.drain_timer is None and self.transport is not None:
+            self.drain_timer = asyncio.get_running_loop().call_later(
+                self.server.drain_timeout, self._drain_expired)
+
+    def _drain_expired(self) -> None:
+        self.drain_timer = None
+        if self.transport is not None and self.write_paused:
+            self.server.drain_closed += 1
+            self.transport.abort()
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.drain_timer is not None:
+            self.drain_timer.cancel()
+            self.drain_timer = None
         if self.transport is not None and self.paused_reading and self.pending < TCP_MAX_PENDING:
             self.transport.resume_reading()
             self.paused_reading = False
+        if self.buf:
+            self._process()
 
 
 class TcpListener:
-    """Accepts connections on one address and tracks them."""
+    """Accepts connections on one address and tracks them.
 
-    def __init__(self, handle: Handle, max_connections: int, idle_timeout: float) -> None:
+    Guards against clients that would hold the listener: a client outside ``acl`` is closed
+    at accept (``denied``); one address holds at most ``max_per_client`` connections
+    (``client_rejected``); replies a client leaves unread are bounded (``overflow_closed``)
+    and must drain within ``drain_timeout`` (``drain_closed``); a connection whose client
+    has not completed a query for ``idle_timeout`` is closed (``idle_closed``, and
+    ``slow_closed`` when it was in the middle of a frame).
+    """
+
+    def __init__(self, handle: Handle, max_connections: int, idle_timeout: float, *,
+                 acl: Acl | None = None, max_per_client: int | None = None,
+                 max_buffered: int = TCP_MAX_BUFFERED,
+                 drain_timeout: float | None = None) -> None:
         self.handle = handle
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
+        if acl is None:
+            # The handler's own Acl, when ``handle`` is a bound QueryHandler.handle.
+            acl = getattr(getattr(handle, "__self__", None), "acl", None)
+        self.acl = acl
+        self.max_per_client = (max_per_client if max_per_client is not None
+                               else per_client_connections(max_connections))
+        self.max_buffered = max_buffered
+        self.drain_timeout = idle_timeout if drain_timeout is None else drain_timeout
+        self.per_client: dict[str, int] = {}
         self.connections: set[TcpConnection] = set()
         self.pending: set[asyncio.Future] = set()
         self.server: asyncio.base_events.Server | None = None
         self.received = 0
         self.accepted = 0
         self.rejected = 0
+        self.denied = 0
+        self.client_rejected = 0
         self.idle_closed = 0
+        self.slow_closed = 0
+        self.overflow_closed = 0
+        self.drain_closed = 0
         self.errors = 0
         self.closing = False
 
     def protocol(self) -> TcpConnection:
         return TcpConnection(self)
+
+
+def per_client_connections(max_connections: int) -> int:
+    """Default connections one client address may hold: a quarter of the slots, so no one
+    address can take them all (every crawler process on a pod shares 127.0.0.1, and c-ares
+    keeps one TCP connection per channel and server, so it must stay generous)."""
+    return max(1, max_connections // 4)
 
 
 def _udp_socket(addr: HostPort, rcvbuf: int) -> tuple[socket.socket, int]:
@@ -273,13 +393,18 @@ def _udp_socket(addr: HostPort, rcvbuf: int) -> tuple[socket.socket, int]:
 
 
 async def open_listeners(addrs: tuple[HostPort, ...], handle: Handle, *, rcvbuf: int,
-                         tcp_max_connections: int, tcp_idle_timeout: float
+                         tcp_max_connections: int, tcp_idle_timeout: float,
+                         acl: Acl | None = None, tcp_max_per_client: int | None = None
                          ) -> tuple[list[UdpListener], list[TcpListener], list[HostPort], int]:
     """Bind UDP and TCP on every address (same port for both; port 0 picks one).
 
-    Returns the listeners, the bound addresses and the UDP receive buffer the kernel granted.
-    Raises :class:`StartupError` when an address cannot be bound.
+    ``acl`` (default: the Acl of the handler ``handle`` is bound to) closes denied TCP
+    clients at accept. Returns the listeners, the bound addresses and the UDP receive buffer
+    the kernel granted. Raises :class:`StartupError` when an address cannot be bound.
     """
+    # Repeating lines (tracebacks per packet, shed warnings) are rate limited in every
+    # sidecar, in-process ones included; every sidecar module is imported by now.
+    limit_repeats()
     loop = asyncio.get_running_loop()
     udps: list[UdpListener] = []
     tcps: list[TcpListener] = []
@@ -294,7 +419,8 @@ async def open_listeners(addrs: tuple[HostPort, ...], handle: Handle, *, rcvbuf:
                     raise StartupError(f"cannot listen on {addr} (udp): {exc.strerror or exc}") from None
                 port = sock.getsockname()[1]
                 real = HostPort(addr.host, port)
-                tcp = TcpListener(handle, tcp_max_connections, tcp_idle_timeout)
+                tcp = TcpListener(handle, tcp_max_connections, tcp_idle_timeout, acl=acl,
+                                  max_per_client=tcp_max_per_client)
                 try:
                     tcp.server = await loop.create_server(
                         tcp.protocol, host=real.host, port=port, reuse_address=True,
@@ -340,8 +466,7 @@ async def close_listeners(udps: list[UdpListener], tcps: list[TcpListener],
             u.transport.close()
     for t in tcps:
         for conn in list(t.connections):
-            if conn.transport is not None:
-                conn.transport.close()
+            conn._close()
         if t.server is not None:
             try:
                 await asyncio.wait_for(t.server.wait_closed(), 1.0)

@@ -7,16 +7,21 @@ loopback must never be throttled by surprise.
 
 from __future__ import annotations
 
+import ipaddress
 import time
 
 _MAX_CLIENTS = 100_000
 
 
 class RateLimiter:
-    """``allow(host)`` spends one token of ``host``'s bucket (``rate`` per second, up to
-    ``burst``); False means drop. ``limited`` counts the drops."""
+    """``allow(host)`` spends one token of the bucket of ``host``'s client key (``rate`` per
+    second, up to ``burst``); False means drop. ``limited`` counts the drops.
 
-    __slots__ = ("rate", "burst", "buckets", "limited", "v6_prefix")
+    The key is the IPv4 address, or for IPv6 the ``v6_prefix``-bit network: one host
+    usually holds a whole /64 and can send from any of its 2^64 addresses.
+    """
+
+    __slots__ = ("rate", "burst", "buckets", "limited", "v6_prefix", "_keys")
 
     def __init__(self, rate: float, burst: float | None = None, v6_prefix: int = 64) -> None:
         self.v6_prefix = v6_prefix
@@ -24,9 +29,34 @@ class RateLimiter:
         self.burst = float(burst) if burst else max(1.0, 2.0 * self.rate)
         self.buckets: dict[str, list[float]] = {}
         self.limited = 0
+        # host string -> bucket key, so an IPv6 address is parsed once, not per query.
+        self._keys: dict[str, str] = {}
+
+    def key(self, host: str) -> str:
+        """The bucket key of ``host``: itself for IPv4, its prefix network for IPv6."""
+        if ":" not in host:
+            return host
+        k = self._keys.get(host)
+        if k is None:
+            try:
+                ip = ipaddress.IPv6Address(host.split("%", 1)[0])
+            except ValueError:
+                k = host
+            else:
+                if ip.ipv4_mapped is not None:
+                    k = str(ip.ipv4_mapped)
+                else:
+                    net = ipaddress.IPv6Network((ip, self.v6_prefix), strict=False)
+                    k = str(net)
+            if len(self._keys) >= _MAX_CLIENTS:
+                self._keys.clear()
+            self._keys[host] = k
+        return k
 
     def allow(self, host: str) -> bool:
         now = time.monotonic()
+        if ":" in host:
+            host = self.key(host)
         b = self.buckets.get(host)
         if b is None:
             if len(self.buckets) >= _MAX_CLIENTS:

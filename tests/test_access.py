@@ -49,6 +49,7 @@ async def test_rate_limit_drops_silently(make_sidecar, raw_udp):
         other.close()
     assert reply.answer
     assert sc.sc.ratelimit.limited == 15
+    assert sc.sc.handler.ratelimited == 15  # /stats queries.ratelimited
 
 
 async def test_reload_swaps_upstreams_and_keeps_cache(make_sidecar, upstream):

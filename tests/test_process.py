@@ -216,3 +216,53 @@ def test_upstream_pointing_at_itself_exits_1():
                                    "--upstream", f"127.0.0.1:{port}"),
                        capture_output=True, text=True, timeout=20)
     assert p.returncode == 1 and "loop" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_repeated_log_lines_are_rate_limited_in_the_process(threaded_upstream, procs):
+    """Per-query warnings (here: upstream slots full against a silent upstream) from 1,000
+    queries come out as at most a few lines per template and second, not one per query."""
+    import re
+    import threading
+    import time
+
+    threaded_upstream.drop = True
+    port = free_port()
+    pr = procs("--listen", f"127.0.0.1:{port}", "--http", "off", "--max-inflight", "1",
+               "--timeout", "0.2", "--tries", "1", "--upstream", threaded_upstream.address)
+    pr.wait_for_line("listening on")
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(pr.p.stderr.readline, "")),
+                              daemon=True)
+    reader.start()  # the process must never block on a full stderr pipe
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    sock.settimeout(5)
+    t0 = time.monotonic()
+    got = 0
+    try:
+        for i in range(1000):
+            sock.sendto(dns.message.make_query(f"n{i}.example.test", "A").to_wire(),
+                        ("127.0.0.1", port))
+            if i % 50 == 49:  # stay inside the socket buffers
+                while got < i - 100:
+                    sock.recv(4096)
+                    got += 1
+        while got < 1000:
+            sock.recv(4096)
+            got += 1
+    except TimeoutError:
+        pass
+    finally:
+        sock.close()
+    elapsed = time.monotonic() - t0
+    pr.p.send_signal(signal.SIGTERM)
+    assert pr.p.wait(timeout=10) == 0
+    reader.join(5)
+    assert got >= 990
+    warnings = [re.sub(r"n\d+\.example\.test", "N", line.split(" ", 3)[-1])
+                for line in lines if " WARNING " in line]
+    per_template: dict[str, int] = {}
+    for w in warnings:
+        per_template[w] = per_template.get(w, 0) + 1
+    assert warnings and max(per_template.values()) <= 10 * (int(elapsed) + 2), per_template
+    assert len(warnings) < 300
