@@ -17,9 +17,25 @@ never waits for it. Pre-warm goes through the resolver exactly like a cache miss
 fetches are coalesced with live traffic and bounded by the resolver's concurrency limit as
 well as by :data:`PREWARM_CONCURRENCY`.
 
-Mutating calls (DELETE, POST) need ``Authorization: Bearer TOKEN`` when ``--api-token`` is
-set (compared in constant time). Every error is JSON ``{"error": "..."}`` naming the field
-at fault, with status 400, 401, 404, 405 or 413 (500 only for a bug, which is logged).
+Mutating calls (DELETE, POST) are guarded against browsers, which can be made to send
+requests here by any web page (a cross-origin ``text/plain`` or form POST needs no CORS
+preflight; DNS rebinding makes a page at ``evil.example`` same-origin with this API):
+
+* a body must be ``application/json`` (415 otherwise); ``POST /prewarm`` must carry one, a
+  ``DELETE`` carries none (its parameters are in the query string) and so needs no type;
+* without ``--api-token``, the ``Host`` header must name this listener: ``localhost``, a
+  loopback IP, or the IP the connection arrived on, any port (421 otherwise). A rebinding
+  page sends its own host name, never one of those. With ``--api-token`` set, the bearer
+  token (compared in constant time) is required instead and any ``Host`` is accepted: a
+  browser attack cannot supply the token, and proxies or service names keep working.
+
+Pre-warm work is bounded per call (:data:`MAX_PREWARM_NAMES`, :data:`MAX_PREWARM_LOOKUPS`)
+and across the calls in progress (:data:`PREWARM_BACKLOG` lookups admitted, 429 with
+``Retry-After`` past it; :data:`PREWARM_CONCURRENCY` resolving at once; results held within
+:data:`PREWARM_RESPONSE_BUDGET` bytes, the rest left out and counted in ``omitted``).
+
+Every error is JSON ``{"error": "..."}`` naming the field at fault, with status 400, 401, 404,
+405, 413, 415, 421 or 429 (500 only for a bug, which is logged).
 """
 
 from __future__ import annotations
@@ -58,8 +74,21 @@ log = logging.getLogger("sidecar.api")
 MAX_BODY = 1024 * 1024
 #: Most names one ``POST /prewarm`` may carry (more: 400 naming ``names``).
 MAX_PREWARM_NAMES = 10_000
-#: Most pre-warm lookups in flight at once, per call.
+#: Most lookups (distinct name and type pairs) one call may ask for (more: 400 naming
+#: ``names``): the names bound alone would let eleven types multiply a call's work.
+MAX_PREWARM_LOOKUPS = 20_000
+#: Most lookups admitted across the pre-warm calls in progress; a call that would pass it
+#: while others run is answered 429 (one call alone is always admitted).
+PREWARM_BACKLOG = 2 * MAX_PREWARM_LOOKUPS
+#: Most pre-warm lookups waiting on the resolver at once, all calls together; never more
+#: than a quarter of ``--max-inflight``, so live misses keep the rest of the slots.
 PREWARM_CONCURRENCY = 256
+#: Bytes of results (bounding their JSON) the pre-warm calls in progress may hold together;
+#: a result that does not fit is left out of its response and counted in ``omitted``. Large
+#: answers (60 KB TXT or A sets) would otherwise be held and serialised in full per name.
+PREWARM_RESPONSE_BUDGET = 32 * 1024 * 1024
+#: Seconds a refused (429) pre-warm call is told to wait, in ``Retry-After``.
+PREWARM_RETRY_AFTER = 1
 #: Types pre-warmed when the request names none.
 DEFAULT_PREWARM_TYPES = ("A", "AAAA")
 #: Seconds a stopping API waits for requests in progress before cancelling them.
@@ -75,6 +104,13 @@ _PLAIN_NAME = re.compile(r"[a-z0-9_*-]{1,63}(?:\.[a-z0-9_*-]{1,63})*")
 _TYPE_CLASS_IN = struct.Struct(">HH")
 _ADDRESS_FAMILIES = {1: socket.AF_INET, 28: socket.AF_INET6}
 _JSON = "application/json"
+#: Methods that change nothing: open to any Host, no body rules.
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: Upper bound of a pre-warm result's JSON without its name and records (keys, type, rcode,
+#: a ten-digit TTL, the separator before it).
+_RESULT_FIXED_BYTES = 96
+#: Record types whose presentation form (an address) needs no JSON escaping.
+_ADDRESS_TYPES = frozenset({"A", "AAAA"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -109,6 +145,60 @@ def exposure_warning(addr: HostPort, token: str | None) -> str | None:
     return (f"--http {addr} is not a loopback address and no --api-token is set: anyone who"
             " can reach it may flush the cache and trigger lookups (DELETE /cache,"
             " POST /prewarm); set --api-token or bind 127.0.0.1")
+
+
+def host_of(value: str) -> str | None:
+    """The host of a ``Host`` header value (``name``, ``IP``, ``[IPv6]``, each with an
+    optional ``:PORT``; a bare IPv6 address is read as one), lower-cased, without brackets
+    or port; None when the value cannot be read that way."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            return None
+        host, rest = value[1:end], value[end + 1 :]
+    elif value.count(":") > 1:
+        host, rest = value, ""
+    else:
+        host, sep, port = value.partition(":")
+        rest = sep + port
+    if rest and not (rest[0] == ":" and rest[1:].isascii() and
+                     (rest[1:] == "" or rest[1:].isdigit())):
+        return None
+    return host or None
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(text.partition("%")[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped  # a dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d
+    return ip
+
+
+def host_names_listener(host: str | None, local_address: str | None) -> bool:
+    """Whether a request's host (from :func:`host_of`) names this API: ``localhost``, a
+    loopback IP, or ``local_address``, the IP the connection arrived on (the bound address,
+    or with a wildcard bind the address the client used, e.g. the pod IP). The port is not
+    compared (port forwarding changes it). A host name other than ``localhost`` never
+    matches: it is what a DNS-rebinding page sends."""
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    ip = _ip(host)
+    if ip is None or ip.is_unspecified:
+        return False
+    if ip.is_loopback:
+        return True
+    return local_address is not None and ip == _ip(local_address)
+
+
+def is_json_type(value: str | None) -> bool:
+    """``Content-Type`` is ``application/json`` (parameters such as charset allowed)."""
+    return value is not None and value.partition(";")[0].strip().lower() == _JSON
 
 
 # ------------------------------------------------------------------ parsing and decoding
@@ -223,13 +313,27 @@ class ApiServer:
 
     ``prewarm_calls``, ``prewarm_cached`` and ``prewarm_resolved`` count pre-warm calls and
     their lookups answered from a fresh cache entry or through the resolver (the latter
-    coalesced with live traffic by the resolver).
+    coalesced with live traffic by the resolver); ``prewarm_inflight`` is the lookups of the
+    calls in progress, ``prewarm_bytes`` the bytes their results hold, ``prewarm_omitted``
+    the results left out for :data:`PREWARM_RESPONSE_BUDGET`. ``refused`` counts mutating
+    calls refused, by reason: ``host`` (421), ``content_type`` (415), ``token`` (401),
+    ``busy`` (429).
+
+    The limits are read from the module constants here, once; ``prewarm_concurrency`` is
+    also capped at a quarter of ``--max-inflight``.
     """
 
     def __init__(self, sidecar: Sidecar) -> None:
         self.sidecar = sidecar
         token = sidecar.config.api_token
         self._token_digest = hashlib.sha256(token.encode()).digest() if token else None
+        self.max_names = MAX_PREWARM_NAMES
+        self.max_lookups = MAX_PREWARM_LOOKUPS
+        self.backlog = PREWARM_BACKLOG
+        self.response_budget = PREWARM_RESPONSE_BUDGET
+        self.prewarm_concurrency = max(1, min(PREWARM_CONCURRENCY,
+                                              sidecar.config.max_inflight // 4))
+        self._prewarm_slots = asyncio.Semaphore(self.prewarm_concurrency)
         self.registry = make_registry(sidecar, self)
         self.app = self._make_app()
         self._runner: web.AppRunner | None = None
@@ -237,9 +341,14 @@ class ApiServer:
         self.prewarm_calls = 0
         self.prewarm_cached = 0
         self.prewarm_resolved = 0
+        self.prewarm_inflight = 0
+        self.prewarm_bytes = 0
+        self.prewarm_omitted = 0
+        self.refused = {"host": 0, "content_type": 0, "token": 0, "busy": 0}
 
     def _make_app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors])
+        app = web.Application(client_max_size=MAX_BODY,
+                              middlewares=[self._errors, self._guard])
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/stats", self.stats)
@@ -307,6 +416,19 @@ class ApiServer:
             log.exception("API %s %s failed", request.method, request.path_qs)
             return error_response(500, "internal error (logged by the sidecar)")
 
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """The browser guards of every mutating route (see the module docstring), before
+        its handler reads anything: the token, or without one the ``Host``; then the body's
+        type. Unknown paths and methods fall through to their 404/405."""
+        if request.method not in _SAFE_METHODS and request.match_info.http_exception is None:
+            if self._token_digest is not None:
+                self._authorize(request)
+            else:
+                self._check_host(request)
+            self._check_content_type(request)
+        return await handler(request)
+
     def _authorize(self, request: web.Request) -> None:
         """Raise 401 unless the request carries the configured bearer token (or none is
         configured). Both sides are hashed first so the comparison's time does not depend on
@@ -318,9 +440,38 @@ class ApiServer:
         digest = hashlib.sha256(given.strip().encode("utf-8", "surrogateescape")).digest()
         ok = hmac.compare_digest(digest, self._token_digest)
         if not ok or scheme.lower() != "bearer":
+            self.refused["token"] += 1
             raise ApiError(401, "Authorization: a valid 'Bearer TOKEN' is required for"
                            f" {request.method} {request.path}",
                            {"WWW-Authenticate": 'Bearer realm="dns-sidecar"'})
+
+    def _check_host(self, request: web.Request) -> None:
+        """421 unless ``Host`` names this listener (:func:`host_names_listener`)."""
+        value = request.headers.get("Host")
+        transport = request.transport
+        sockname = transport.get_extra_info("sockname") if transport is not None else None
+        local = sockname[0] if isinstance(sockname, tuple) and sockname else None
+        if host_names_listener(host_of(value) if value is not None else None, local):
+            return
+        self.refused["host"] += 1
+        shown = "missing" if value is None else repr(value[:100])
+        raise ApiError(421, f"Host: {shown} does not name this API; {request.method}"
+                       f" {request.path} accepts localhost, a loopback address or the"
+                       " listener's own address (or any Host with --api-token set)")
+
+    def _check_content_type(self, request: web.Request) -> None:
+        """415 unless a body is ``application/json``. A POST must carry one; a DELETE
+        without a body needs no type (curl -X DELETE sends none, and browsers cannot send
+        a DELETE cross-origin without a preflight, which is never granted)."""
+        if not (request.body_exists or request.method == "POST"):
+            return
+        value = request.headers.get("Content-Type")
+        if is_json_type(value):
+            return
+        self.refused["content_type"] += 1
+        shown = "missing" if value is None else repr(value[:100])
+        raise ApiError(415, f"Content-Type: {shown}; {request.method} {request.path} accepts"
+                       f" only {_JSON} bodies", {"Accept": _JSON})
 
     # -------------------------------------------------------------- health
 
@@ -346,9 +497,16 @@ class ApiServer:
 
     async def stats(self, request: web.Request) -> web.Response:
         """The ``/stats`` document (:func:`sidecar.stats.snapshot`) plus a ``prewarm`` object."""
-        extra = {"prewarm": {"calls": self.prewarm_calls, "cached": self.prewarm_cached,
-                             "resolved": self.prewarm_resolved}}
-        return web.json_response(snapshot(self.sidecar, extra))
+        return web.json_response(snapshot(self.sidecar, self.stats_extra()))
+
+    def stats_extra(self) -> dict[str, Any]:
+        """The API's own part of ``/stats``: ``prewarm`` and ``api``."""
+        return {
+            "prewarm": {"calls": self.prewarm_calls, "cached": self.prewarm_cached,
+                        "resolved": self.prewarm_resolved, "inflight": self.prewarm_inflight,
+                        "omitted": self.prewarm_omitted},
+            "api": {"refused": dict(self.refused)},
+        }
 
     async def metrics(self, request: web.Request) -> web.Response:
         """Prometheus text exposition of the sidecar's private registry."""
@@ -359,8 +517,15 @@ class ApiServer:
 
     async def openapi(self, request: web.Request) -> web.Response:
         """The OpenAPI document of this API."""
-        return web.json_response(openapi_document(
-            max_names=MAX_PREWARM_NAMES, concurrency=PREWARM_CONCURRENCY, max_body=MAX_BODY))
+        return web.json_response(openapi_document(**self.limits()))
+
+    def limits(self) -> dict[str, int]:
+        """The limits this server enforces, as :func:`sidecar.openapi.openapi_document`
+        takes them."""
+        return {"max_names": self.max_names, "max_lookups": self.max_lookups,
+                "concurrency": self.prewarm_concurrency, "max_body": MAX_BODY,
+                "backlog": self.backlog, "response_budget": self.response_budget,
+                "retry_after": PREWARM_RETRY_AFTER}
 
     # -------------------------------------------------------------- cache
 
@@ -403,8 +568,11 @@ class ApiServer:
 
     async def cache_delete(self, request: web.Request) -> web.Response:
         """Flush: everything (no ``name``), every type of ``name``, or only ``name``/``type``.
-        Answers ``{"deleted": n}`` (plus ``name``, ``type`` when given)."""
-        self._authorize(request)
+        Answers ``{"deleted": n}`` (plus ``name``, ``type`` when given). A body is refused
+        (400): ``{"name": ...}`` sent there would otherwise flush everything."""
+        if request.body_exists and (await request.read()).strip():
+            raise ApiError(400, "body: DELETE /cache takes no body; name and type are query"
+                           " parameters")
         name = self._query_name(request)
         raw_type = request.query.get("type")
         cache = self.sidecar.cache
@@ -443,8 +611,8 @@ class ApiServer:
         raw_names = body["names"]
         if not isinstance(raw_names, list):
             raise ApiError(400, "names: expected a list of names")
-        if len(raw_names) > MAX_PREWARM_NAMES:
-            raise ApiError(400, f"names: {len(raw_names)} names, at most {MAX_PREWARM_NAMES}"
+        if len(raw_names) > self.max_names:
+            raise ApiError(400, f"names: {len(raw_names)} names, at most {self.max_names}"
                            " per call")
         raw_types = body.get("types", list(DEFAULT_PREWARM_TYPES))
         if not isinstance(raw_types, list):
@@ -458,24 +626,57 @@ class ApiServer:
             names[parse_name(raw, f"names[{i}]")] = None
             if pacer.due():
                 await pacer.pause()
+        lookups = len(names) * len(types)
+        if lookups > self.max_lookups:
+            raise ApiError(400, f"names: {len(names)} names x {len(types)} types ="
+                           f" {lookups} lookups, at most {self.max_lookups} per call")
         return list(names), types
 
     async def prewarm(self, request: web.Request) -> web.Response:
         """Resolve every name for every type into the cache; answer per (name, type) with
-        rcode, records and remaining TTL, in request order (duplicates once), and
-        ``elapsed_ms``.
+        rcode, records and remaining TTL, in request order (duplicates once), plus
+        ``elapsed_ms`` and ``omitted`` (results left out for the response budget).
 
         Three passes keep the event loop (and so DNS) responsive however large the batch:
         fresh cache entries are picked up serially, the rest go through the resolver
-        :data:`PREWARM_CONCURRENCY` at a time (doing nothing else while they wait), and
-        the entries are decoded serially; the serial passes yield every
-        :data:`SLICE_SECONDS`.
+        (:data:`PREWARM_CONCURRENCY` at a time over all calls, doing nothing else while they
+        wait), and the results are serialised in slices; the serial passes yield every
+        :data:`SLICE_SECONDS`. Each result is built as soon as its entry is there, so a call
+        holds results, never entries (which can be 64 KB each).
         """
         t0 = time.perf_counter()
-        self._authorize(request)
         names, types = await self._parse_prewarm(await self._read_json(request))
         jobs = [(name, qtype) for name in names for qtype in types]
-        entries: list[Entry | None] = [None] * len(jobs)
+        if self.prewarm_inflight and self.prewarm_inflight + len(jobs) > self.backlog:
+            self.refused["busy"] += 1
+            raise ApiError(429, f"names: {len(jobs)} lookups would pass the pre-warm backlog"
+                           f" ({self.prewarm_inflight} of {self.backlog} in progress); retry"
+                           " later", {"Retry-After": str(PREWARM_RETRY_AFTER)})
+        self.prewarm_inflight += len(jobs)
+        budget = _Budget(self)
+        try:
+            results = await self._prewarm_jobs(jobs, budget)
+            self.prewarm_calls += 1
+            kept = [r for r in results if r is not None]
+            omitted = len(results) - len(kept)
+            self.prewarm_omitted += omitted
+            elapsed_ms = round((time.perf_counter() - t0) * 1000.0, 3)
+            # Serialised in slices (20000 results take ~40 ms in one go).
+            parts = []
+            for i in range(0, len(kept), YIELD_EVERY):
+                parts.append(json.dumps(kept[i : i + YIELD_EVERY])[1:-1])
+                await asyncio.sleep(0)
+            text = (f'{{"elapsed_ms": {json.dumps(elapsed_ms)}, "omitted": {omitted},'
+                    f' "results": [{", ".join(parts)}]}}')
+        finally:
+            self.prewarm_inflight -= len(jobs)
+            budget.release()
+        return web.Response(text=text, content_type=_JSON)
+
+    async def _prewarm_jobs(self, jobs: list[tuple[str, str]],
+                            budget: _Budget) -> list[dict[str, Any] | None]:
+        """The result of each job, None where :data:`PREWARM_RESPONSE_BUDGET` left no room."""
+        results: list[dict[str, Any] | None] = [None] * len(jobs)
         keys: list[bytes] = [b""] * len(jobs)
         misses: list[int] = []
         sc = self.sidecar
@@ -484,11 +685,13 @@ class ApiServer:
         now = time.monotonic()
         for i, (name, qtype) in enumerate(jobs):
             if qtype == "AAAA" and no_aaaa:
-                continue  # --no-aaaa: the DNS path answers NODATA without asking anyone
+                # --no-aaaa: the DNS path answers NODATA without asking anyone
+                results[i] = budget.take(self._prewarm_result(name, qtype, b"", None))
+                continue
             keys[i] = key = cache_key(name, TYPE_NUMBERS[qtype])
             entry = sc.cache.get(key)
             if entry is not None and entry.expires > now:
-                entries[i] = entry
+                results[i] = budget.take(self._prewarm_result(name, qtype, key, entry))
             else:
                 misses.append(i)
             if pacer.due():
@@ -498,30 +701,20 @@ class ApiServer:
         self.prewarm_resolved += len(misses)
 
         todo = iter(misses)
+        slots = self._prewarm_slots
 
         async def worker() -> None:
             for i in todo:
-                raw, _stale = await sc.resolver.resolve(keys[i])
-                entries[i] = Entry._make(raw)
+                async with slots:
+                    raw, _stale = await sc.resolver.resolve(keys[i])
+                name, qtype = jobs[i]
+                results[i] = budget.take(self._prewarm_result(name, qtype, keys[i],
+                                                              Entry._make(raw)))
 
-        workers = min(PREWARM_CONCURRENCY, len(misses))
+        workers = min(self.prewarm_concurrency, len(misses))
         if workers:
             await asyncio.gather(*(worker() for _ in range(workers)))
-
-        results: list[dict[str, Any]] = []
-        for i, (name, qtype) in enumerate(jobs):
-            results.append(self._prewarm_result(name, qtype, keys[i], entries[i]))
-            if pacer.due():
-                await pacer.pause()
-        self.prewarm_calls += 1
-        elapsed_ms = round((time.perf_counter() - t0) * 1000.0, 3)
-        # Serialised in slices (20000 results take ~40 ms in one go).
-        parts = []
-        for i in range(0, len(results), YIELD_EVERY):
-            parts.append(json.dumps(results[i : i + YIELD_EVERY])[1:-1])
-            await asyncio.sleep(0)
-        text = f'{{"elapsed_ms": {json.dumps(elapsed_ms)}, "results": [{", ".join(parts)}]}}'
-        return web.Response(text=text, content_type=_JSON)
+        return results
 
     def _prewarm_result(self, name: str, qtype: str, key: bytes,
                         entry: Entry | None) -> dict[str, Any]:
@@ -536,6 +729,43 @@ class ApiServer:
             records = []
         return {"name": name, "type": qtype, "rcode": _rcode_name(entry.rcode),
                 "ttl": int(entry.ttl), "records": records}
+
+
+def result_size(result: dict[str, Any]) -> int:
+    """An upper bound of the bytes ``result`` takes in a pre-warm response (names are
+    printable ASCII, so at worst every character is escaped as two; addresses need no
+    escaping; other records are measured)."""
+    records = result["records"]
+    if result["type"] in _ADDRESS_TYPES:
+        size = sum(map(len, records)) + 4 * len(records)
+    else:
+        size = sum(len(json.dumps(r)) + 2 for r in records)
+    return _RESULT_FIXED_BYTES + 2 * len(result["name"]) + size
+
+
+class _Budget:
+    """One call's share of :data:`PREWARM_RESPONSE_BUDGET`, returned by ``release()``."""
+
+    __slots__ = ("_held", "_server")
+
+    def __init__(self, server: ApiServer) -> None:
+        self._server = server
+        self._held = 0
+
+    def take(self, result: dict[str, Any]) -> dict[str, Any] | None:
+        """``result`` when its bytes fit in what the calls in progress have left, else
+        None (left out)."""
+        size = result_size(result)
+        server = self._server
+        if server.prewarm_bytes + size > server.response_budget:
+            return None
+        server.prewarm_bytes += size
+        self._held += size
+        return result
+
+    def release(self) -> None:
+        self._server.prewarm_bytes -= self._held
+        self._held = 0
 
 
 class _Pacer:

@@ -101,6 +101,8 @@ class SidecarCollector:
                        handler.dropped)
         yield _counter("dns_truncated", "UDP replies sent truncated (TC=1).", handler.truncated)
         yield _counter("dns_denied", "Queries refused by the client ACL.", handler.denied)
+        yield _counter("dns_ratelimited", "Queries dropped unanswered by the per-client rate"
+                       " limit (--rate-limit).", handler.ratelimited)
         m = _counter("listener_errors", "Errors on the DNS sockets, by transport.",
                      labels=("proto",))
         m.add_metric(["udp"], udp["errors"])
@@ -113,6 +115,9 @@ class SidecarCollector:
                      len(cache.entries))
         yield _gauge("cache_capacity", "Largest number of cache entries (--cache-size).",
                      cache.capacity)
+        yield _gauge("cache_bytes", "Bytes held by the cached answers.", cache.bytes)
+        yield _gauge("cache_memory_limit_bytes", "Bound on the bytes of the cached answers"
+                     " (--cache-memory).", cache.memory_limit)
         yield _counter("cache_evictions", "Entries evicted to stay within the capacity.",
                        cache.evictions)
         yield _counter("cache_inserts", "Entries stored or replaced.", cache.inserts)
@@ -156,6 +161,15 @@ class SidecarCollector:
             yield m
             yield _counter("prewarm_requests", "POST /prewarm calls answered.",
                            self.api.prewarm_calls)
+            yield _gauge("prewarm_inflight", "Lookups of the POST /prewarm calls in progress.",
+                         self.api.prewarm_inflight)
+            yield _counter("prewarm_omitted", "Pre-warm results left out of their response"
+                           " for the response budget.", self.api.prewarm_omitted)
+            m = _counter("api_refused", "Mutating API calls refused, by reason: host (421),"
+                         " content_type (415), token (401), busy (429).", labels=("reason",))
+            for reason, n in self.api.refused.items():
+                m.add_metric([reason], n)
+            yield m
 
         yield _gauge("ready", "1 when ready (every pool has a healthy upstream, not in lame"
                      " duck), else 0.", 1.0 if sc.ready else 0.0)

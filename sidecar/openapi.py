@@ -35,7 +35,7 @@ _MS = {"type": ["number", "null"], "minimum": 0,
 _TYPES = sorted(TYPE_NUMBERS)
 
 
-def _schemas(max_names: int) -> dict[str, Any]:
+def _schemas(max_names: int, max_lookups: int, response_budget: int) -> dict[str, Any]:
     return {
         "Error": _obj({"error": {"type": "string",
                                  "description": "what is wrong, naming the field at fault"}},
@@ -81,14 +81,20 @@ def _schemas(max_names: int) -> dict[str, Any]:
                 "dropped": {**_INT, "description": "messages not answered (QR=1, unreadable)"},
                 "truncated": {**_INT, "description": "UDP replies sent with TC=1"},
                 "denied": {**_INT, "description": "queries refused by --allow"},
-            }, required=["total", "udp", "tcp", "refused", "formerr", "servfail", "nxdomain"]),
+                "ratelimited": {**_INT, "description": "queries dropped by --rate-limit (no"
+                                                       " reply)"},
+            }, required=["total", "udp", "tcp", "refused", "formerr", "servfail", "nxdomain",
+                         "ratelimited"]),
             "cache": _obj({
-                "entries": _INT, "capacity": _INT, "hits": _INT, "misses": _INT,
+                "entries": _INT, "capacity": _INT,
+                "bytes": {**_INT, "description": "bytes held by the cached answers"},
+                "memory_limit": {**_INT, "description": "bound on bytes, from --cache-memory"},
+                "hits": _INT, "misses": _INT,
                 "hit_ratio": {"type": "number", "minimum": 0, "maximum": 1},
                 "evictions": _INT, "coalesced": _INT, "stale_served": _INT, "prefetched": _INT,
                 "inserts": _INT,
-            }, required=["entries", "capacity", "hits", "misses", "hit_ratio", "evictions",
-                         "coalesced", "stale_served", "prefetched"]),
+            }, required=["entries", "capacity", "bytes", "memory_limit", "hits", "misses",
+                         "hit_ratio", "evictions", "coalesced", "stale_served", "prefetched"]),
             "upstreams": {"type": "array", "items": _ref("Upstream")},
             "pools": {"type": "array", "items": _obj({
                 "pool": {"type": "string"}, "upstreams": _INT, "healthy": _INT, "failures": _INT})},
@@ -113,7 +119,18 @@ def _schemas(max_names: int) -> dict[str, Any]:
                                                       " tell"},
             }),
             "udp_rcvbuf": {**_INT, "description": "bytes granted by the kernel (as udp.rcvbuf)"},
-            "prewarm": _obj({"calls": _INT, "cached": _INT, "resolved": _INT}),
+            "prewarm": _obj({
+                "calls": _INT, "cached": _INT, "resolved": _INT,
+                "inflight": {**_INT, "description": "lookups of the calls in progress"},
+                "omitted": {**_INT, "description": "results left out of responses for the"
+                                                   " response budget"},
+            }),
+            "api": _obj({"refused": _obj(
+                {"host": {**_INT, "description": "421: Host does not name the listener"},
+                 "content_type": {**_INT, "description": "415: body not application/json"},
+                 "token": {**_INT, "description": "401: missing or wrong bearer token"},
+                 "busy": {**_INT, "description": "429: pre-warm backlog full"}},
+                description="mutating calls refused, by reason")}),
         }, required=["uptime_s", "queries", "cache", "upstreams"]),
         "Record": _obj({
             "name": {"type": "string"},
@@ -145,7 +162,8 @@ def _schemas(max_names: int) -> dict[str, Any]:
             "names": {"type": "array", "items": {"type": "string"},
                       "maxItems": max_names,
                       "description": f"host names (a trailing dot is ignored); at most"
-                                     f" {max_names}"},
+                                     f" {max_names}, and at most {max_lookups} distinct"
+                                     " names times types"},
             "types": {"type": "array", "items": {"type": "string", "enum": _TYPES},
                       "minItems": 1, "default": ["A", "AAAA"],
                       "description": "case-insensitive"},
@@ -161,8 +179,13 @@ def _schemas(max_names: int) -> dict[str, Any]:
         }, additional=False),
         "PrewarmResponse": _obj({
             "elapsed_ms": {"type": "number", "minimum": 0},
+            "omitted": {**_INT, "description": "results left out: the results of the calls"
+                                               f" in progress may hold {response_budget}"
+                                               " bytes together (large answers); look the"
+                                               " missing names up over DNS"},
             "results": {"type": "array", "items": _ref("PrewarmResult"),
-                        "description": "one per distinct (name, type), in request order"},
+                        "description": "one per distinct (name, type), in request order,"
+                                       " except those omitted"},
         }, additional=False),
     }
 
@@ -180,10 +203,16 @@ _NAME_PARAM = {"name": "name", "in": "query", "schema": {"type": "string"},
                "description": "DNS name, case-insensitive, trailing dot optional"}
 _TYPE_PARAM = {"name": "type", "in": "query",
                "schema": {"type": "string", "enum": _TYPES + [t.lower() for t in _TYPES]}}
-_AUTH_RESPONSES = {"401": _err("missing or wrong bearer token (only when --api-token is set)")}
+_AUTH_RESPONSES = {
+    "401": _err("missing or wrong bearer token (only when --api-token is set)"),
+    "421": _err("the Host header does not name this listener: localhost, a loopback address"
+                " or the address the connection arrived on, any port (only without"
+                " --api-token; a DNS-rebinding guard)"),
+}
 
 
-def _paths(concurrency: int, max_body: int) -> dict[str, Any]:
+def _paths(concurrency: int, max_body: int, max_lookups: int, backlog: int,
+           retry_after: int) -> dict[str, Any]:
     return {
         "/healthz": {"get": {
             "summary": "Liveness: the DNS listeners are serving",
@@ -219,20 +248,30 @@ def _paths(concurrency: int, max_body: int) -> dict[str, Any]:
                 "parameters": [_NAME_PARAM,
                                {**_TYPE_PARAM, "description": "only with name: one entry"}],
                 "responses": {"200": _json("Deleted", "entries removed"),
-                              "400": _err("bad name or type"), **_AUTH_RESPONSES},
+                              "400": _err("bad name or type, or a body was sent"),
+                              **_AUTH_RESPONSES,
+                              "415": _err("a body that is not application/json")},
             },
         },
         "/prewarm": {"post": {
             "summary": "Resolve names into the cache and return their answers",
             "description": "Lookups are coalesced with live traffic and run at most"
-                           f" {concurrency} at once; a fresh cache entry is used as it is.",
+                           f" {concurrency} at once over all calls; a fresh cache entry is"
+                           " used as it is. The body must be application/json.",
             "security": [{"bearer": []}],
             "requestBody": {"required": True, "content": {
                 "application/json": {"schema": _ref("PrewarmRequest")}}},
             "responses": {"200": _json("PrewarmResponse", "one result per name and type"),
-                          "400": _err("bad body, name or type, or too many names"),
+                          "400": _err("bad body, name or type, too many names, or more than"
+                                      f" {max_lookups} lookups"),
                           **_AUTH_RESPONSES,
-                          "413": _err(f"body larger than {max_body} bytes")},
+                          "413": _err(f"body larger than {max_body} bytes"),
+                          "415": _err("Content-Type is not application/json"),
+                          "429": {**_err(f"the calls in progress hold {backlog} lookups"
+                                         " together; retry after Retry-After seconds"),
+                                  "headers": {"Retry-After": {
+                                      "schema": {"type": "integer", "minimum": 1},
+                                      "description": f"seconds ({retry_after})"}}}},
         }},
         "/openapi.json": {"get": {
             "summary": "This document",
@@ -242,10 +281,11 @@ def _paths(concurrency: int, max_body: int) -> dict[str, Any]:
     }
 
 
-def openapi_document(*, max_names: int = 10_000, concurrency: int = 256,
-                     max_body: int = 1024 * 1024) -> dict[str, Any]:
-    """The OpenAPI document, built fresh (callers may modify it). The limits (names per
-    pre-warm call, pre-warm concurrency, body bytes) are those the server enforces."""
+def openapi_document(*, max_names: int, max_lookups: int, concurrency: int, max_body: int,
+                     backlog: int, response_budget: int, retry_after: int) -> dict[str, Any]:
+    """The OpenAPI document, built fresh (callers may modify it). The limits are those the
+    server enforces (:meth:`sidecar.api.ApiServer.limits`), passed in so they are defined
+    in one place."""
     from . import __version__
 
     return {
@@ -257,9 +297,9 @@ def openapi_document(*, max_names: int = 10_000, concurrency: int = 256,
                            " sidecar. Every error is JSON {\"error\": ...}; 404 for an unknown"
                            " path and 405 for a wrong method are Error documents too.",
         },
-        "paths": _paths(concurrency, max_body),
+        "paths": _paths(concurrency, max_body, max_lookups, backlog, retry_after),
         "components": {
-            "schemas": _schemas(max_names),
+            "schemas": _schemas(max_names, max_lookups, response_budget),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                            "description": "--api-token; required only when"
                                                           " it is set"}},

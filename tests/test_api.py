@@ -172,18 +172,23 @@ async def test_stats_counts_the_traffic(up: FakeUpstream, sc: Sidecar,
     assert {"uptime_s", "queries", "cache", "upstreams"} <= set(stats)
     assert stats["uptime_s"] >= 0
     q = stats["queries"]
-    assert {"total", "udp", "tcp", "refused", "formerr", "servfail", "nxdomain"} <= set(q)
+    assert {"total", "udp", "tcp", "refused", "formerr", "servfail", "nxdomain",
+            "ratelimited"} <= set(q)
     assert (q["total"], q["udp"], q["tcp"]) == (6, 4, 2)
     assert (q["noerror"], q["nxdomain"], q["servfail"], q["refused"], q["formerr"]) == (5, 1, 0,
                                                                                        0, 0)
     c = stats["cache"]
-    assert set(c) >= {"entries", "capacity", "hits", "misses", "hit_ratio", "evictions",
-                      "coalesced", "stale_served", "prefetched"}
+    assert set(c) >= {"entries", "capacity", "bytes", "memory_limit", "hits", "misses",
+                      "hit_ratio", "evictions", "coalesced", "stale_served", "prefetched"}
     assert (c["hits"], c["misses"]) == (4, 2)
     assert c["hit_ratio"] == pytest.approx(4 / 6, abs=1e-5)
     assert c["entries"] == len(sc.cache.entries) >= 2
     assert c["capacity"] == sc.config.cache_size
     assert (c["evictions"], c["stale_served"], c["prefetched"]) == (0, 0, 0)
+    assert c["bytes"] == sc.cache.bytes
+    assert c["memory_limit"] == sc.config.cache_memory * 1024 * 1024 == sc.cache.memory_limit
+    assert q["ratelimited"] == sc.handler.ratelimited == 0
+    assert stats["api"] == {"refused": {"host": 0, "content_type": 0, "token": 0, "busy": 0}}
 
     [u] = stats["upstreams"]
     assert u["pool"] == "."
@@ -313,7 +318,8 @@ async def test_prewarm_fills_the_cache(up: FakeUpstream, sc: Sidecar,
              "v4only.example.test", "www.example.test"]  # the last is a duplicate
     status, body, _ = await call(http, "POST", url(sc, "/prewarm"), json={"names": names})
     assert status == 200
-    assert set(body) == {"elapsed_ms", "results"}
+    assert set(body) == {"elapsed_ms", "omitted", "results"}
+    assert body["omitted"] == 0
     assert isinstance(body["elapsed_ms"], float) and body["elapsed_ms"] > 0
     results = {(r["name"], r["type"]): r for r in body["results"]}
     assert [(r["name"], r["type"]) for r in body["results"]] == [
@@ -350,7 +356,8 @@ async def test_prewarm_fills_the_cache(up: FakeUpstream, sc: Sidecar,
     assert status == 200 and up.queries == 0
     assert sorted(again["results"][0]["records"]) == ["10.0.0.1", "10.0.0.2"]
     _, stats, _ = await call(http, "GET", url(sc, "/stats"))
-    assert stats["prewarm"] == {"calls": 2, "cached": 1, "resolved": 8}
+    assert stats["prewarm"] == {"calls": 2, "cached": 1, "resolved": 8, "inflight": 0,
+                                "omitted": 0}
 
 
 async def test_prewarm_other_types_and_failures(up: FakeUpstream, sc: Sidecar,
@@ -384,21 +391,35 @@ async def test_prewarm_coalesces_with_live_traffic(up: FakeUpstream,
         assert stats["prewarm"]["resolved"] == 1
 
 
-async def test_prewarm_concurrency_is_bounded(up: FakeUpstream, sc: Sidecar,
-                                              http: aiohttp.ClientSession,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(api_mod, "PREWARM_CONCURRENCY", 2)
-    up.latency = 0.15
-    names = [f"h{i}.example.test" for i in range(1, 7)]
-    started = time.monotonic()
-    status, body, _ = await call(http, "POST", url(sc, "/prewarm"),
-                                 json={"names": names, "types": ["A"]})
-    took = time.monotonic() - started
-    assert status == 200
-    assert [r["rcode"] for r in body["results"]] == ["NOERROR"] * 6
-    # 6 lookups, 2 at a time, 0.15 s each: at least 3 rounds.
-    assert took >= 3 * 0.15 * 0.9
-    assert body["elapsed_ms"] >= 3 * 150 * 0.9
+async def test_prewarm_concurrency_is_bounded(up: FakeUpstream,
+                                              http: aiohttp.ClientSession) -> None:
+    """Lookups resolving at once stay within a quarter of --max-inflight (here 2), over
+    two calls running together."""
+    up.latency = 0.05
+    async with running(up, max_inflight=8, timeout=2.0) as sc:
+        assert sc._api.prewarm_concurrency == 2
+        resolver = sc.resolver
+        real = resolver.resolve
+        now = peak = 0
+
+        async def counting(key: bytes) -> Any:
+            nonlocal now, peak
+            now += 1
+            peak = max(peak, now)
+            try:
+                return await real(key)
+            finally:
+                now -= 1
+
+        resolver.resolve = counting  # type: ignore[method-assign]
+        calls = [call(http, "POST", url(sc, "/prewarm"),
+                      json={"names": [f"h{i}.example.test" for i in range(k, k + 4)],
+                            "types": ["A"]}) for k in (1, 11)]
+        answers = await asyncio.gather(*calls)
+    for status, body, _ in answers:
+        assert status == 200
+        assert [r["rcode"] for r in body["results"]] == ["NOERROR"] * 4
+    assert peak == 2
 
 
 async def test_prewarm_no_aaaa(up: FakeUpstream, http: aiohttp.ClientSession) -> None:
@@ -448,11 +469,10 @@ async def test_prewarm_bounds(sc: Sidecar, http: aiohttp.ClientSession) -> None:
                                  headers={"Content-Type": "application/json"})
     assert status == 413 and body["error"].startswith("body:")
 
-    for junk in (b"{not json", b"[" * 100_000, b"\xff\xfe"):
-        status, body, _ = await call(http, "POST", url(sc, "/prewarm"), data=junk)
+    for junk in (b"{not json", b"[" * 100_000, b"\xff\xfe", b""):
+        status, body, _ = await call(http, "POST", url(sc, "/prewarm"), data=junk,
+                                     headers={"Content-Type": "application/json"})
         assert status == 400 and body["error"].startswith("body:"), junk[:10]
-    status, body, _ = await call(http, "POST", url(sc, "/prewarm"))
-    assert status == 400 and body["error"].startswith("body:")
 
     status, body, _ = await call(http, "POST", url(sc, "/prewarm"), json={"names": []})
     assert status == 200 and body["results"] == []
@@ -626,8 +646,13 @@ async def test_openapi_document_matches_the_routes(sc: Sidecar,
     assert status == 200
     assert doc["openapi"].startswith("3.1")
     assert doc == openapi_document(max_names=api_mod.MAX_PREWARM_NAMES,
+                                   max_lookups=api_mod.MAX_PREWARM_LOOKUPS,
                                    concurrency=api_mod.PREWARM_CONCURRENCY,
-                                   max_body=api_mod.MAX_BODY)
+                                   max_body=api_mod.MAX_BODY,
+                                   backlog=api_mod.PREWARM_BACKLOG,
+                                   response_budget=api_mod.PREWARM_RESPONSE_BUDGET,
+                                   retry_after=api_mod.PREWARM_RETRY_AFTER)
+    assert doc == openapi_document(**sc._api.limits())
     for schema in doc["components"]["schemas"].values():
         Draft202012Validator.check_schema(schema)
     documented = {(path, method.upper()) for path, ops in doc["paths"].items() for method in ops}
@@ -669,8 +694,22 @@ async def test_openapi_validates_real_responses(up: FakeUpstream,
                                     "example.test"], "types": ["A", "AAAA", "MX", "TXT"]})
         await check("POST", "/prewarm", 400, headers=AUTH, json={"names": ["a..b"]})
         await check("POST", "/prewarm", 401, json={"names": ["www.example.test"]})
-        await check("POST", "/prewarm", 413, headers=AUTH,
+        await check("POST", "/prewarm", 413, headers={**AUTH, "Content-Type": "application/json"},
                     data=b" " * (api_mod.MAX_BODY + 1))
+        await check("POST", "/prewarm", 415, headers=AUTH, data="{}")  # text/plain
+        await check("DELETE", "/cache", 415, headers=AUTH, data="{}")
+        await check("DELETE", "/cache", 400, headers=AUTH, json={"name": "www.example.test"})
+        # 429: a slow first call holds the (shrunk) backlog while a second one arrives.
+        sc._api.backlog = 1
+        up.name_latency["slow.example.test"] = 0.3
+        first = asyncio.ensure_future(call(http, "POST", url(sc, "/prewarm"), headers=AUTH,
+                                           json={"names": ["slow.example.test"],
+                                                 "types": ["A"]}))
+        await up.wait_for_queries(up.queries + 1)
+        body = await check("POST", "/prewarm", 429, headers=AUTH,
+                           json={"names": ["www.example.test"], "types": ["A"]})
+        assert (await first)[0] == 200
+        sc._api.backlog = api_mod.PREWARM_BACKLOG
         await check("DELETE", "/cache?name=www.example.test", 200, headers=AUTH)
         await check("DELETE", "/cache?name=www.example.test&type=AAAA", 200, headers=AUTH)
         await check("DELETE", "/cache?name=..", 400, headers=AUTH)
@@ -696,6 +735,16 @@ async def test_openapi_validates_real_responses(up: FakeUpstream,
             status, body, _ = await call(http, method, url(sc, target))
             assert status == want
             _validate(doc, error_schema, body)
+
+    # 421 exists only without --api-token (with one, the token is the guard).
+    async with running(up) as open_sc:
+        for method, path, kw in (("POST", "/prewarm", {"json": {"names": []}}),
+                                 ("DELETE", "/cache", {})):
+            status, body, _ = await call(http, method, url(open_sc, path),
+                                         headers={"Host": "evil.example:8053"}, **kw)
+            assert status == 421, body
+            _validate(doc, _schema_for(doc, path, method, 421, "application/json"), body)
+            seen.add((path, method.lower(), "421"))
 
     documented = {(path, method, status) for path, ops in doc["paths"].items()
                   for method, op in ops.items() for status in op["responses"]}

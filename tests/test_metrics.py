@@ -126,6 +126,13 @@ async def test_metric_names_and_types(sc: Sidecar) -> None:
         "dns_sidecar_cache_misses": "counter",
         "dns_sidecar_cache_entries": "gauge",
         "dns_sidecar_cache_capacity": "gauge",
+        "dns_sidecar_cache_bytes": "gauge",
+        "dns_sidecar_cache_memory_limit_bytes": "gauge",
+        "dns_sidecar_dns_ratelimited": "counter",
+        "dns_sidecar_resolver_shed": "counter",
+        "dns_sidecar_api_refused": "counter",
+        "dns_sidecar_prewarm_inflight": "gauge",
+        "dns_sidecar_prewarm_omitted": "counter",
         "dns_sidecar_cache_evictions": "counter",
         "dns_sidecar_cache_coalesced": "counter",
         "dns_sidecar_cache_stale_served": "counter",
@@ -148,6 +155,21 @@ async def test_metric_names_and_types(sc: Sidecar) -> None:
     assert labels["dns_sidecar_upstream_request_duration_seconds"] == {"pool", "server", "le"}
     assert labels["dns_sidecar_upstream_healthy"] == {"pool", "server"}
     assert labels["dns_sidecar_build_info"] == {"version"}
+    assert labels["dns_sidecar_api_refused"] == {"reason"}
+
+
+async def test_hardening_counters(up: FakeUpstream) -> None:
+    """Cache bytes and bound (--cache-memory), rate-limit drops and shed fetches are the
+    counters of the units that keep them, as they are at scrape time."""
+    async with running(up, cache_memory=64) as sc:
+        await dns_query(sc, "www.example.test")
+        sc.handler.ratelimited += 7  # the counter the rate limit keeps (no slow traffic here)
+        sc.resolver.shed += 3
+        got = samples((await scrape(sc))[1])
+        assert value(got, "dns_sidecar_cache_bytes") == sc.cache.bytes
+        assert value(got, "dns_sidecar_cache_memory_limit_bytes") == 64 * 1024 * 1024
+        assert value(got, "dns_sidecar_dns_ratelimited_total") == 7
+        assert value(got, "dns_sidecar_resolver_shed_total") == 3
 
 
 async def test_metrics_follow_upstream_failures(up: FakeUpstream, sc: Sidecar) -> None:
