@@ -30,7 +30,7 @@ from aiohttp.resolver import AsyncResolver  # noqa: E402
 
 from bench.miss_micro import _wait_ready  # noqa: E402
 from client import sidecar_resolver  # noqa: E402
-from client.resolver import DEFAULT_FLAGS, DEFAULT_RECEIVE_BUFFER  # noqa: E402
+from client.resolver import DEFAULT_FLAGS, DEFAULT_RECEIVE_BUFFER, DEFAULT_TRIES  # noqa: E402
 
 VARIANTS = ("aiodns-thread", "client")
 
@@ -39,7 +39,7 @@ def make(variant: str, port: int) -> AsyncResolver:
     address = f"127.0.0.1:{port}"
     if variant == "client":
         return sidecar_resolver(address, api_url=None)
-    return AsyncResolver(nameservers=[address], timeout=0.5, tries=3, flags=DEFAULT_FLAGS,
+    return AsyncResolver(nameservers=[address], timeout=0.5, tries=DEFAULT_TRIES, flags=DEFAULT_FLAGS,
                          socket_receive_buffer_size=DEFAULT_RECEIVE_BUFFER)
 
 

@@ -41,11 +41,14 @@ except ImportError:  # pragma: no cover
 
 __all__ = (
     "DNS_CLASSES",
+    "RETRYABLE_CLASSES",
+    "RETRYABLE_STATUSES",
     "TIMEOUT_CLASSES",
     "ClassCounters",
     "Failure",
     "FailureClass",
     "classify",
+    "classify_status",
 )
 
 # c-ares status codes (pycares.errno)
@@ -72,7 +75,7 @@ class FailureClass(StrEnum):
     READ_TIMEOUT = "read_timeout"  #: no response (headers or body) in time
     SERVER_DISCONNECTED = "server_disconnected"  #: the server closed/reset mid-request
     PAYLOAD_ERROR = "payload_error"  #: malformed response body (bad encoding, ...)
-    HTTP_ERROR = "http_error"  #: the response status was raised (raise_for_status)
+    HTTP_ERROR = "http_error"  #: a 5xx status, or any status raised (raise_for_status)
     TOO_MANY_REDIRECTS = "too_many_redirects"
     INVALID_URL = "invalid_url"
     TIMEOUT = "timeout"  #: a timeout whose phase is unknown (no trace given)
@@ -97,6 +100,27 @@ TIMEOUT_CLASSES = frozenset(
         FailureClass.TIMEOUT,
     }
 )
+
+
+#: Classes worth retrying later (the same request may well succeed): timeouts, resolver
+#: trouble (SERVFAIL, an unreachable resolver), refused or cut connections. Not retryable:
+#: NXDOMAIN/NODATA (the name has no address), TLS errors, malformed bodies, redirect loops,
+#: bad URLs, cancellation. ``http_error`` depends on the status (:data:`RETRYABLE_STATUSES`).
+RETRYABLE_CLASSES = frozenset(
+    {
+        FailureClass.POOL_TIMEOUT,
+        FailureClass.DNS_TIMEOUT,
+        FailureClass.DNS_ERROR,
+        FailureClass.CONNECT_TIMEOUT,
+        FailureClass.CONNECT_REFUSED,
+        FailureClass.CONNECT_ERROR,
+        FailureClass.READ_TIMEOUT,
+        FailureClass.SERVER_DISCONNECTED,
+        FailureClass.TIMEOUT,
+    }
+)
+#: HTTP statuses of ``http_error`` worth retrying (RFC 9110 transient ones, 429).
+RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +159,27 @@ class Failure:
     def is_timeout(self) -> bool:
         """True for the timeout classes."""
         return self.kind in TIMEOUT_CLASSES
+
+    @property
+    def retryable(self) -> bool:
+        """Whether retrying the request later may succeed (see :data:`RETRYABLE_CLASSES`)."""
+        if self.kind is FailureClass.HTTP_ERROR:
+            return self.status in RETRYABLE_STATUSES
+        return self.kind in RETRYABLE_CLASSES
+
+    def as_dict(self) -> dict[str, object]:
+        """Plain JSON values: ``kind`` as its string, ``retryable`` and ``dns`` added."""
+        return {
+            "kind": self.kind.value,
+            "phase": self.phase,
+            "detail": self.detail,
+            "timer": self.timer,
+            "dns_code": self.dns_code,
+            "errno": self.errno,
+            "status": self.status,
+            "retryable": self.retryable,
+            "dns": self.is_dns,
+        }
 
     def __str__(self) -> str:
         extra = f", {self.timer} timer" if self.timer else ""
@@ -237,6 +282,7 @@ def classify(exc: BaseException, trace: Trace | None = None) -> Failure:
        ``server_disconnected``; other payload errors -> ``payload_error``.
     8. ``TooManyRedirects`` -> ``too_many_redirects``; ``ClientResponseError`` ->
        ``http_error`` (with ``status``); invalid/non-http URLs -> ``invalid_url``.
+       (A 5xx response that was not raised is classified by :func:`classify_status`.)
     9. Anything else -> ``other``.
     """
     phase = trace.phase if trace is not None else None
@@ -323,6 +369,18 @@ def classify(exc: BaseException, trace: Trace | None = None) -> Failure:
         return Failure(FailureClass.INVALID_URL, None, detail)
 
     return Failure(FailureClass.OTHER, phase, detail)
+
+
+def classify_status(status: int, reason: str | None = None) -> Failure | None:
+    """``http_error`` for a 5xx status a request returned without raising, else None.
+
+    4xx are answers about the resource and stay successes unless ``raise_for_status``
+    raises them (then :func:`classify` gives ``http_error`` for them too).
+    """
+    if status >= 500:
+        return Failure(FailureClass.HTTP_ERROR, "response", f"HTTP {status} {reason or ''}".rstrip(),
+                       status=status)
+    return None
 
 
 def _has(exc: BaseException, kind: type[BaseException]) -> bool:

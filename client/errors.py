@@ -9,6 +9,7 @@ keeps a resolver failure a DNS failure all the way up to the caller (a plain
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = (
     "SidecarClientError",
@@ -32,6 +33,8 @@ class PrewarmError(SidecarClientError):
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+        #: what the pre-warm achieved before the failure (a ``PrewarmResult``), when known
+        self.result: Any = None
 
 
 class ResolverTimeout(OSError):

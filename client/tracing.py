@@ -30,6 +30,7 @@ What aiohttp's signals can and cannot tell (aiohttp 3.14):
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import MutableMapping
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass
@@ -42,6 +43,7 @@ import aiohttp
 __all__ = (
     "PHASES",
     "Timings",
+    "TracingWarning",
     "Trace",
     "current_trace",
     "trace_config",
@@ -54,6 +56,10 @@ PHASES = ("queue", "dns", "connect", "tls", "request", "response", "transfer")
 CONNECTOR_CACHE = "connector-cache"
 
 _CURRENT: ContextVar[Trace | None] = ContextVar("dns_sidecar_client_trace", default=None)
+
+
+class TracingWarning(UserWarning):
+    """Timings were read from a trace that recorded nothing (no :func:`trace_config`)."""
 
 
 def current_trace() -> Trace | None:
@@ -218,7 +224,7 @@ class Trace:
             self.attempts += 1
 
     def _request_start(self, method: str, url: str) -> None:
-        self.__init__()  # one Trace per request; reusing one starts it afresh
+        Trace.__init__(self)  # one Trace per request; reusing one starts it afresh
         self.method = method
         self.url = url
         self.start = self._event("request_start")
@@ -249,7 +255,7 @@ class Trace:
     @property
     def is_https(self) -> bool:
         """True when the (last) URL is https/wss."""
-        return bool(self.url) and self.url.startswith(("https:", "wss:"))
+        return self.url is not None and self.url.startswith(("https:", "wss:"))
 
     @property
     def reused(self) -> bool:
@@ -296,6 +302,11 @@ class Trace:
         (or the last event), so a lookup that timed out shows its wait in ``namelookup``.
         """
         if self.start is None:
+            if self.end is not None:  # finished without a single signal
+                warnings.warn(
+                    "request timings read from a trace that recorded nothing: the session "
+                    "has no client.trace_config() in its trace_configs, so every duration "
+                    "is 0", TracingWarning, stacklevel=2)
             return Timings(0.0, 0.0, 0.0, None, 0.0, 0.0, 0.0)
 
         def span(a: float | None, b: float | None) -> float:

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """A small concurrent crawler on the dns-sidecar client.
 
-It resolves through the sidecar with failover (sidecar, then pinned public nameservers,
-then the system resolver), optionally pre-warms every host in one call, fetches the URLs
+It resolves through the sidecar with failover (the sidecar, then the system resolver;
+nameservers you name with --fallback in between), optionally pre-warms every host in one
+call, fetches the URLs
 with bounded concurrency, classifies every failure by phase, and prints a summary: counts
 per outcome class (DNS classes apart), which resolver answered, and percentiles of the
 phase durations of the successful requests.
@@ -72,7 +73,7 @@ async def crawl(
     names = ["sidecar"]
     if fallback:
         resolvers.append(AsyncResolver(nameservers=fallback, timeout=2.0, tries=2))
-        names.append("public")
+        names.append("fallback")
     if threaded:
         resolvers.append(ThreadedResolver())
         names.append("system")
@@ -169,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sidecar", default="127.0.0.1:5353", help="sidecar DNS address")
     parser.add_argument("--api", default="http://127.0.0.1:8053", help="sidecar API URL")
     parser.add_argument("--api-token", default=None)
-    parser.add_argument("--fallback", default="1.1.1.1,8.8.8.8",
-                        help="pinned public nameservers after the sidecar ('' for none)")
+    parser.add_argument("--fallback", default="",
+                        help="nameservers to try after the sidecar, before the system resolver "
+                             "(none by default: internal names must not leave the network)")
     parser.add_argument("--no-fallback", action="store_true",
                         help="sidecar only: no public nameservers, no system resolver")
     parser.add_argument("--concurrency", type=int, default=50)

@@ -77,7 +77,7 @@ async def test_dns_timeout_from_the_total_timeout(side, web):
     assert classify(exc).kind is C.TIMEOUT
     assert r.failure.kind is C.DNS_TIMEOUT
     assert (r.failure.phase, r.failure.timer) == ("dns", "total")
-    assert r.trace.dns_cache == "miss" and r.trace.dns_start and r.trace.dns_end is None
+    assert r.trace.dns_start and r.trace.dns_end is None
 
 
 async def test_dns_timeout_from_the_connect_timeout(side, web):
@@ -94,10 +94,11 @@ async def test_dns_timeout_from_the_connect_timeout(side, web):
 
 async def test_joined_lookup_timeout_is_dns(side, web):
     """A request joining another's in-flight lookup gets dns_cache_hit at once; the
-    instrumented connector still tells that its timeout was DNS."""
+    instrumented connector still tells that its timeout was DNS (aiohttp's DNS cache
+    turned back on: sidecar_connector leaves it off)."""
     side.upstream.drop_names = {"crawl60.example.test"}
     resolver = sidecar_resolver(side.dns_address, timeout=5.0, tries=2)
-    conn = sidecar_connector(resolver=resolver)
+    conn = sidecar_connector(resolver=resolver, use_dns_cache=True)
     async with aiohttp.ClientSession(connector=conn, trace_configs=[trace_config()]) as s:
         timeout = aiohttp.ClientTimeout(total=0.3)
         results = await asyncio.gather(
@@ -258,6 +259,34 @@ async def test_http_error(session, web):
     r = await get(session, web.url("crawl60.example.test", "/status/503"),
                   raise_for_status=True)
     assert (r.failure.kind, r.failure.status) == (C.HTTP_ERROR, 503)
+    assert r.failure.retryable and r.status == 503
+
+
+@pytest.mark.parametrize(("code", "retryable"), [(500, True), (503, True), (501, False)])
+async def test_5xx_is_http_error_without_raise_for_status(session, web, code, retryable):
+    r = await get(session, web.url("crawl60.example.test", f"/status/{code}"))
+    assert not r.ok and r.status == code and r.body == b"status\n"
+    assert (r.failure.kind, r.failure.status, r.failure.phase) == (C.HTTP_ERROR, code, "response")
+    assert r.failure.retryable is retryable
+
+
+async def test_4xx_is_a_response_unless_raised(session, web):
+    r = await get(session, web.url("crawl60.example.test", "/status/404"))
+    assert r.ok and r.status == 404
+    raised = await get(session, web.url("crawl60.example.test", "/status/404"),
+                       raise_for_status=True)
+    assert raised.failure.kind is C.HTTP_ERROR and not raised.failure.retryable
+
+
+def test_retryable_verdict_per_class():
+    verdicts = {k: Failure(k, None, "x").retryable for k in C if k is not C.HTTP_ERROR}
+    assert verdicts[C.DNS_TIMEOUT] and verdicts[C.DNS_ERROR] and verdicts[C.READ_TIMEOUT]
+    assert verdicts[C.CONNECT_REFUSED] and verdicts[C.SERVER_DISCONNECTED]
+    assert not verdicts[C.DNS_NXDOMAIN] and not verdicts[C.DNS_NODATA]
+    assert not verdicts[C.TLS_ERROR] and not verdicts[C.INVALID_URL]
+    assert not verdicts[C.CANCELLED] and not verdicts[C.TOO_MANY_REDIRECTS]
+    assert Failure(C.HTTP_ERROR, "response", "x", status=429).retryable
+    assert not Failure(C.HTTP_ERROR, "response", "x", status=403).retryable
 
 
 async def test_too_many_redirects(session, web):

@@ -52,7 +52,6 @@ async def test_fresh_http_request_signals_and_durations(session, web):
     assert [name for name, _ in r.trace.events] == [
         "request_start",
         "connection_create_start",
-        "dns_cache_miss",
         "dns_resolvehost_start",
         "dns_resolvehost_end",
         "tcp_start",
