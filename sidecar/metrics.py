@@ -132,8 +132,9 @@ class SidecarCollector:
                      resolver.inflight)
         yield _gauge("resolver_waiting", "Fetches waiting for an upstream concurrency slot.",
                      resolver.waiting)
-        yield _counter("resolver_shed", "Fetches answered SERVFAIL because no slot freed up"
-                       " within the time budget.", resolver.shed)
+        yield _counter("resolver_shed", "Fetches answered SERVFAIL without an upstream query"
+                       " (waiting queue full, no slot in time, or a slow domain at its limit).",
+                       resolver.shed)
         yield _counter("resolver_failures", "Fetches that ended in SERVFAIL (or stale).",
                        resolver.failed)
 

@@ -93,15 +93,29 @@ def _schemas(max_names: int, max_lookups: int, response_budget: int) -> dict[str
                 "hit_ratio": {"type": "number", "minimum": 0, "maximum": 1},
                 "evictions": _INT, "coalesced": _INT, "stale_served": _INT, "prefetched": _INT,
                 "inserts": _INT,
+                "too_large": {**_INT, "description": "answers too large to store (over 1/1000"
+                                                     " of --cache-memory): answered, not cached"},
             }, required=["entries", "capacity", "bytes", "memory_limit", "hits", "misses",
                          "hit_ratio", "evictions", "coalesced", "stale_served", "prefetched"]),
             "upstreams": {"type": "array", "items": _ref("Upstream")},
             "pools": {"type": "array", "items": _obj({
                 "pool": {"type": "string"}, "upstreams": _INT, "healthy": _INT, "failures": _INT})},
-            "resolver": _obj({"inflight": _INT, "waiting": _INT, "shed": _INT, "failed": _INT,
-                              "max_inflight": _INT}),
+            "resolver": _obj({
+                "inflight": _INT, "waiting": _INT,
+                "shed": {**_INT, "description": "fetches answered SERVFAIL without an upstream"
+                                                " query (the next three together)"},
+                "shed_full": {**_INT, "description": "... because the waiting queue was full"},
+                "shed_wait": {**_INT, "description": "... because no slot freed up in time"},
+                "shed_zone": {**_INT, "description": "... because their domain was slow and"
+                                                     " at its limit"},
+                "shed_client": {**_INT, "description": "queries answered SERVFAIL because"
+                                                       " their client had too many misses"
+                                                       " pending"},
+                "waiting_peak": _INT, "failed": _INT, "max_inflight": _INT}),
             "tcp": _obj({"connections": _INT, "accepted": _INT, "rejected": _INT,
-                         "idle_closed": _INT, "errors": _INT}),
+                         "idle_closed": _INT, "errors": _INT, "denied": _INT,
+                         "client_rejected": _INT, "slow_closed": _INT, "overflow_closed": _INT,
+                         "drain_closed": _INT}),
             "udp": _obj({
                 "errors": _INT,
                 "kernel_drops": {"type": ["integer", "null"], "minimum": 0,

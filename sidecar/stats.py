@@ -103,7 +103,11 @@ def upstream_stats(pool: str, upstream: Upstream) -> dict[str, Any]:
 
 def tcp_stats(sidecar: Sidecar) -> dict[str, int]:
     """``/stats`` ``tcp``, summed over the TCP listeners: connections open now, and since
-    start accepted, rejected (connection bound), closed for idleness, and errors."""
+    start accepted, rejected (connection bounds, all and per client), closed for idleness,
+    and errors; of the guards: ``denied`` (outside ``--allow``, closed at accept),
+    ``client_rejected`` (per-client bound), ``slow_closed`` (a query frame not completed
+    within the idle timeout), ``overflow_closed`` and ``drain_closed`` (a client that does
+    not read its replies: too many bytes unsent, or not drained in time)."""
     tcps = sidecar.tcp
     return {
         "connections": sum(len(t.connections) for t in tcps),
@@ -111,6 +115,11 @@ def tcp_stats(sidecar: Sidecar) -> dict[str, int]:
         "rejected": sum(t.rejected for t in tcps),
         "idle_closed": sum(t.idle_closed for t in tcps),
         "errors": sum(t.errors for t in tcps),
+        "denied": sum(t.denied for t in tcps),
+        "client_rejected": sum(t.client_rejected for t in tcps),
+        "slow_closed": sum(t.slow_closed for t in tcps),
+        "overflow_closed": sum(t.overflow_closed for t in tcps),
+        "drain_closed": sum(t.drain_closed for t in tcps),
     }
 
 
@@ -184,6 +193,7 @@ def snapshot(sidecar: Sidecar, extra: dict[str, Any] | None = None) -> dict[str,
             "stale_served": cache.stale_served,
             "prefetched": cache.prefetched,
             "inserts": cache.inserts,
+            "too_large": cache.too_large,
         },
         "upstreams": [upstream_stats(pool, u) for pool, u in iter_upstreams(sidecar)],
         "pools": pool_stats(sidecar),
@@ -191,6 +201,11 @@ def snapshot(sidecar: Sidecar, extra: dict[str, Any] | None = None) -> dict[str,
             "inflight": resolver.inflight,
             "waiting": resolver.waiting,
             "shed": resolver.shed,
+            "shed_full": resolver.shed_full,
+            "shed_wait": resolver.shed_wait,
+            "shed_zone": resolver.shed_zone,
+            "shed_client": sidecar.handler.client_shed,
+            "waiting_peak": resolver.waiting_peak,
             "failed": resolver.failed,
             "max_inflight": resolver.max_inflight,
         },

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
+import aiohttp
 import dns.asyncquery
 import dns.message
 import dns.rdatatype
@@ -172,3 +173,10 @@ async def side(sidecar: RunningSidecar) -> AsyncIterator[ClientTarget]:
         yield target
     finally:
         await target.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """An aiohttp client session for the HTTP API tests (test_api, test_api_guards)."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+        yield session

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
+import aiohttp
 import dns.asyncquery
 import dns.message
 import dns.rdatatype
@@ -83,3 +84,20 @@ def free_port() -> int:
             t.close()
         return port
     raise RuntimeError("no free port")
+
+
+# ------------------------------------------------------------------ the HTTP API
+
+
+def url(sc: Sidecar, path: str) -> str:
+    """The URL of ``path`` on a started Sidecar's HTTP API."""
+    return f"http://{sc.http_address}{path}"
+
+
+async def call(http: aiohttp.ClientSession, method: str, target: str,
+               **kw: Any) -> tuple[int, Any, aiohttp.ClientResponse]:
+    """One HTTP request: (status, JSON or text body, response)."""
+    async with http.request(method, target, **kw) as resp:
+        if resp.content_type == "application/json":
+            return resp.status, await resp.json(), resp
+        return resp.status, await resp.text(), resp

@@ -13,7 +13,6 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -40,7 +39,7 @@ from sidecar.api import (
 from sidecar.openapi import openapi_document
 from sidecar.wire import make_key
 from tests.fakeupstream import FakeUpstream
-from tests.helpers import dns_query, make_config, running
+from tests.helpers import call, dns_query, make_config, running, url
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -50,25 +49,6 @@ LINUX = sys.platform.startswith("linux") and os.path.exists("/proc/net/udp")
 
 # ------------------------------------------------------------------ fixtures and helpers
 
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
-        yield session
-
-
-def url(sc: Sidecar, path: str) -> str:
-    return f"http://{sc.http_address}{path}"
-
-
-async def call(http: aiohttp.ClientSession, method: str, target: str,
-               **kw: Any) -> tuple[int, Any, aiohttp.ClientResponse]:
-    async with http.request(method, target, **kw) as resp:
-        if resp.content_type == "application/json":
-            body = await resp.json()
-        else:
-            body = await resp.text()
-        return resp.status, body, resp
 
 
 async def wait_ready(http: aiohttp.ClientSession, sc: Sidecar, want: int,

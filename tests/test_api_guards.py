@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -27,7 +26,7 @@ from client.prewarm import PrewarmResult, PrewarmTable, post_prewarm
 from sidecar import Sidecar
 from sidecar.api import host_names_listener, host_of, is_json_type, result_size
 from tests.fakeupstream import FakeUpstream
-from tests.helpers import dns_query, running
+from tests.helpers import call, dns_query, running, url
 
 TOKEN = "guard-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -35,23 +34,6 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 BROWSER_TEXT = {"Content-Type": "text/plain;charset=UTF-8", "Origin": "http://evil.example"}
 PREWARM = {"names": ["www.example.test"], "types": ["A"]}
 
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
-        yield session
-
-
-def url(sc: Sidecar, path: str) -> str:
-    return f"http://{sc.http_address}{path}"
-
-
-async def call(http: aiohttp.ClientSession, method: str, target: str,
-               **kw: Any) -> tuple[int, Any, aiohttp.ClientResponse]:
-    async with http.request(method, target, **kw) as resp:
-        if resp.content_type == "application/json":
-            return resp.status, await resp.json(), resp
-        return resp.status, await resp.text(), resp
 
 
 async def raw_http(sc: Sidecar, head: str, body: bytes = b"") -> tuple[int, dict[str, str], Any]:
