@@ -111,6 +111,9 @@ def _schemas(max_names: int, max_lookups: int, response_budget: int) -> dict[str
                 "shed_client": {**_INT, "description": "queries answered SERVFAIL because"
                                                        " their client had too many misses"
                                                        " pending"},
+                "jostled": {**_INT, "description": "fetches ended with SERVFAIL, every slot"
+                                                   " taken, to give the oldest slow one's"
+                                                   " slot to a new query"},
                 "waiting_peak": _INT, "failed": _INT, "max_inflight": _INT}),
             "tcp": _obj({"connections": _INT, "accepted": _INT, "rejected": _INT,
                          "idle_closed": _INT, "errors": _INT, "denied": _INT,

@@ -44,6 +44,15 @@ ZONE_SHARE = 2
 #: answered SERVFAIL at once (Unbound's jostle-timeout and dnsmasq's per-server limit, per
 #: zone). A zone that answers never counts as slow, whatever its burst.
 SLOW_ZONE_SHARE = 16
+#: Jostling (Unbound's jostle-timeout): when every slot is taken, a new fetch ends the oldest
+#: one that has been asking upstream longer than this share of the per-try timeout (with a
+#: floor) and takes its slot. Unbound's 200 ms suits its own queries to authoritative servers;
+#: ours go to recursive resolvers, which legitimately take several authoritative round trips
+#: for a cold name, so the floor only applies to short ``--timeout`` settings. The value is a
+#: floor on the age of what is ended, not the age itself: the oldest fetch goes first, so a
+#: fetch is ended only once every older one is gone.
+JOSTLE_SHARE = 0.25
+JOSTLE_MIN = 0.2
 
 
 class Resolver:
@@ -54,7 +63,8 @@ class Resolver:
                  max_inflight: int = 1024, budget: float = 4.0, serve_stale: int = 0,
                  scrub_policy: ScrubPolicy | None = None, max_waiting: int | None = None,
                  queue_wait: float | None = None, zone_limit: int | None = None,
-                 slow_zone_limit: int | None = None, slow_after: float | None = None) -> None:
+                 slow_zone_limit: int | None = None, slow_after: float | None = None,
+                 jostle_after: float | None = None) -> None:
         self.cache = cache
         self.scrub_policy = scrub_policy or ScrubPolicy()
         self.pools = pools
@@ -84,7 +94,15 @@ class Resolver:
         #: A zone with a fetch still unanswered after this long is slow.
         self.slow_after = (slow_after if slow_after is not None
                            else min(1.0, max(0.2, timeout / 2)))
+        #: Under pressure, a fetch asking upstream longer than this may be ended for a new one.
+        self.jostle_after = (jostle_after if jostle_after is not None
+                             else max(JOSTLE_MIN, timeout * JOSTLE_SHARE))
         self._zones: dict[str, ZoneSlots] = {}
+        #: The fetches that may be jostled: token -> (start, task), oldest first (a dict keeps
+        #: insertion order, so the candidate is the first item; no timer per fetch).
+        self._asking: dict[int, tuple[float, asyncio.Task]] = {}
+        #: Jostled fetches whose slot already belongs to the fetch that jostled them.
+        self._jostled: set[int] = set()
         self._seq = 0
         self.waiting = 0          # fetches queued for a slot right now
         self.waiting_peak = 0     # the most that were ever queued at once
@@ -92,6 +110,7 @@ class Resolver:
         self.shed_full = 0        # ... because the waiting queue was full
         self.shed_wait = 0        # ... because no slot came within queue_wait
         self.shed_zone = 0        # ... because their zone was slow and at its limit
+        self.jostled = 0          # fetches ended (SERVFAIL) to give their slot to a new one
         self.failed = 0           # fetches that ended in SERVFAIL
         self._recheck: dict[bytes, float] = {}
 
@@ -195,20 +214,40 @@ class Resolver:
                 return self._shed(key, name, "zone")
         try:
             slots = self._slots
-            if not slots.take():
+            if not slots.take() and not (slots.free == 0 and self._jostle(loop.time())):
                 if self.waiting >= self.max_waiting:
                     return self._shed(key, name, "full")
                 if not await self._wait(slots, max(0.0, deadline - loop.time())):
                     return self._shed(key, name, "wait")
             self._seq = token = self._seq + 1
-            zone.started[token] = loop.time()
+            zone.started[token] = now = loop.time()
+            task = asyncio.current_task()
+            self._asking[token] = (now, task)  # type: ignore[assignment]
+            jostled = False
             try:
-                answer, soa = await self._ask(name, key_type(key))
+                answer, soa = await self._ask(name, key_type(key), token)
+            except asyncio.CancelledError:
+                if token not in self._jostled:
+                    raise
+                # Ended by _jostle: answer our clients now instead of going silent (a
+                # cancelled fetch means no reply); still raise if shutdown cancels us too.
+                if task is not None and task.uncancel() > 0:
+                    raise
+                jostled = True
             finally:
-                slots.release()
                 del zone.started[token]
+                if token in self._jostled:
+                    self._jostled.discard(token)  # the slot is the jostler's now
+                else:
+                    self._asking.pop(token, None)
+                    slots.release()
         finally:
             zone.release()
+        if jostled:
+            self.jostled += 1
+            log.warning("all %d upstream slots busy: ended %s after %.2fs for a newer query",
+                        self.max_inflight, name, loop.time() - now)
+            return self._failure(key, "jostled", store=False)
         if answer is None:
             return self._failure(key, str(soa))
         now = time.monotonic()
@@ -220,6 +259,22 @@ class Resolver:
         self._recheck.pop(key, None)
         return entry, False
 
+    def _jostle(self, now: float) -> bool:
+        """End the oldest fetch asking upstream since before ``now - jostle_after`` and hand
+        its slot to the caller (True); False when there is none that old. The ended fetch
+        answers SERVFAIL (see ``_fetch_in_zone``); its upstream tries run on by themselves."""
+        asking = self._asking
+        oldest = next(iter(asking.items()), None)
+        if oldest is None:
+            return False
+        token, (started, task) = oldest
+        if started > now - self.jostle_after:
+            return False
+        del asking[token]
+        self._jostled.add(token)
+        task.cancel()
+        return True
+
     async def _wait(self, slots: Slots, timeout: float) -> bool:
         self.waiting += 1
         if self.waiting > self.waiting_peak:
@@ -229,7 +284,8 @@ class Resolver:
         finally:
             self.waiting -= 1
 
-    async def _ask(self, name: str, qtype: int) -> tuple[Answer | None, Rec | str | None]:
+    async def _ask(self, name: str, qtype: int, token: int = 0
+                   ) -> tuple[Answer | None, Rec | str | None]:
         """``(answer, soa)``: the upstream's answer and, for a negative one that came
         without, the SOA learned by at most one more query (on the same slots); or
         ``(None, kind)`` when no upstream answered."""
@@ -249,6 +305,9 @@ class Resolver:
             target = name
             if cname_only:
                 target = qname_text(answer.answer[-1].rdata).lower()
+            # The answer is in: no longer jostled (the SOA query may be shared with other
+            # fetches, and cancelling a fetch that waits for it would cancel it for all).
+            self._asking.pop(token, None)
             soa = await self.soa.find(target, include_self=answer.rcode != NXDOMAIN)
         return answer, soa
 

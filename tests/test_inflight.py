@@ -123,3 +123,78 @@ def test_zone_slow_since_looks_at_the_oldest_fetch():
 ])
 def test_zone_key(name, key):
     assert zone_key(name) == key
+
+
+# ------------------------------------------------------------------ jostling (resolver)
+
+
+class _StuckPool:
+    """A pool whose queries never end, until ``answer`` is set."""
+
+    timeout = 1.0
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+        self.answer: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def pool_for(self, name: str) -> _StuckPool:
+        return self
+
+    async def query(self, name: str, qtype: int):
+        self.asked.append(name)
+        return await asyncio.shield(self.answer)
+
+
+def _key(label: str) -> bytes:
+    return bytes([len(label)]) + label.encode() + b"\x04test\x00\x00\x01\x00\x01"
+
+
+def _resolver(pool: _StuckPool, slots: int):
+    from sidecar.cache import Cache
+    from sidecar.encode import TtlPolicy
+    from sidecar.resolver import Resolver
+
+    return Resolver(Cache(10), pool, TtlPolicy(), max_inflight=slots, budget=2.0,
+                    jostle_after=0.0)
+
+
+async def _until(pred) -> None:
+    for _ in range(1000):
+        if pred():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never met")
+
+
+async def test_jostled_fetch_answers_servfail_and_hands_its_slot_over():
+    from sidecar.cache import RCODE
+    from sidecar.wire import SERVFAIL
+
+    pool = _StuckPool()
+    res = _resolver(pool, 1)
+    old = res.lookup(_key("old"))
+    await _until(lambda: pool.asked == ["old.test"])
+    new = res.lookup(_key("new"))
+    # The old fetch answers (a SERVFAIL entry: its clients get a reply, not silence) ...
+    entry, stale = await asyncio.wait_for(asyncio.shield(old), 5)
+    assert entry[RCODE] == SERVFAIL and not stale and res.jostled == 1
+    # ... and the newcomer asks upstream at once, on the old fetch's slot.
+    await _until(lambda: pool.asked == ["old.test", "new.test"])
+    assert res._slots.free == 0 and res.waiting == 0 and not res._jostled
+    assert res.cache.get(_key("old")) is None  # our overload: not cached
+    pool.answer.set_exception(RuntimeError("stop"))
+    await new
+    assert res._slots.free == 1 and not res._asking and res.shed == 0
+
+
+async def test_a_jostled_fetch_cancelled_at_shutdown_stays_cancelled():
+    pool = _StuckPool()
+    res = _resolver(pool, 1)
+    old = res.lookup(_key("old"))
+    await _until(lambda: pool.asked == ["old.test"])
+    new = res.lookup(_key("new"))
+    await asyncio.sleep(0)  # the newcomer has jostled: the cancel is on its way
+    assert res._jostled
+    await res.close()  # shutdown cancels both before the jostled one ran
+    assert old.cancelled() and new.cancelled()
+    assert not res._jostled and not res._asking and res._slots.free == 1

@@ -1,5 +1,5 @@
 """Memory that cannot run away (issue 14, section 3): the cache's byte bound, the bounded miss
-queue, per-zone limits on fetches in flight, and SOA learning in at most one query.
+queue, per-zone limits on fetches in flight, jostling, and SOA learning in at most one query.
 
 Everything runs on loopback against the fake upstream: a real sidecar process for the RSS
 figures, the in-process ``Sidecar`` for the rest. Every load is bounded in count.
@@ -8,6 +8,7 @@ figures, the in-process ``Sidecar`` for the rest. Every load is bounded in count
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import subprocess
 import sys
@@ -245,6 +246,113 @@ async def test_a_dead_zone_does_not_starve_healthy_names(make_sidecar):
     assert sum(up.count(n, "A") for n in dead) < len(dead) // 2
     print("legit miss batches (20 each) under the flood, s:",
           " ".join(f"{x:.3f}" for x in latencies))
+
+
+def _newest_asking_older_than(res, age: float) -> bool:
+    """Every fetch asking upstream began more than ``age`` seconds ago (none: False)."""
+    asking = res._asking
+    if not asking:
+        return False
+    newest = next(reversed(asking.values()))[0]
+    return newest < asyncio.get_running_loop().time() - age
+
+
+async def test_dead_names_in_many_domains_are_jostled_for_healthy_ones(make_sidecar):
+    # One never-answered name in each of 600 domains: no zone is ever slow or at its limit,
+    # so only jostling frees the 32 slots they hold for the healthy names behind them.
+    sc = await make_sidecar(max_inflight=32, timeout=0.6, tries=2)
+    res = sc.sc.resolver
+    up = sc.upstream
+    up.zone.add_dynamic(r"legit(\d+)\.example\.test", "A",
+                        lambda m: f"10.8.{int(m.group(1)) // 256}.{int(m.group(1)) % 256}")
+    dead = [f"x{i}.dead{i}.test" for i in range(600)]
+    up.drop_names = set(dead)
+    todo = iter(dead)
+    # 32 take the slots and 96 queue behind them.
+    flood = [asyncio.ensure_future(query(sc.port, next(todo), timeout=8)) for _ in range(128)]
+    legit: list[tuple[int, asyncio.Future]] = []
+    for rnd in range(16):
+        # Every slot taken is held by a dead name past the jostle timeout, so the 32 queries
+        # below (4 healthy, sent last: behind the queue) find each a free slot or one to
+        # jostle.
+        await wait_until(lambda: len(res._asking) + res._slots.free == 32
+                         and _newest_asking_older_than(res, res.jostle_after), "slots dead")
+        names = list(itertools.islice(todo, 28))
+        wave = [asyncio.ensure_future(query(sc.port, n, timeout=8)) for n in names]
+        flood += wave
+        legit += [(i, asyncio.ensure_future(query(sc.port, f"legit{i}.example.test",
+                                                   timeout=2.0)))
+                  for i in range(rnd * 4, rnd * 4 + 4)]
+        # The wave has reached the sidecar: each dead name is asked upstream or answered.
+        await wait_until(lambda names=names, wave=wave: all(
+            up.count(n, "A") or f.done() for n, f in zip(names, wave, strict=True)), "wave")
+    await asyncio.gather(*(f for _, f in legit), return_exceptions=True)
+    for i, fut in legit:
+        r = fut.result()  # a client timeout raises here
+        assert r.rcode() == dns.rcode.NOERROR, (i, dns.rcode.to_text(r.rcode()))
+        (rrset,) = r.answer
+        assert [rd.to_text() for rd in rrset] == [f"10.8.{i // 256}.{i % 256}"]
+    dead_replies = await asyncio.gather(*flood)
+    assert {r.rcode() for r in dead_replies} == {dns.rcode.SERVFAIL}
+    assert res.jostled >= 16 * 4
+    assert res.shed == res.shed_full + res.shed_wait + res.shed_zone  # jostled: not shed
+    # Every slot came back exactly once: none leaked, none released twice.
+    assert res._slots.free == 32 and res.waiting == 0 and not res._zones
+    assert not res._asking and not res._jostled and not res.coalescer.inflight
+    # A jostled SERVFAIL is our overload, not the name's: never cached.
+    assert all(sc.cache.get(k) is None for k in (
+        b"\x02x0\x05dead0\x04test\x00\x00\x01\x00\x01",))
+
+
+async def test_nothing_is_jostled_while_slots_are_free(make_sidecar):
+    sc = await make_sidecar(max_inflight=4, timeout=0.6, tries=1)
+    res = sc.sc.resolver
+    up = sc.upstream
+    up.drop_names = {"a.slow1.test", "b.slow2.test"}
+    slow = [asyncio.ensure_future(query(sc.port, n, timeout=5)) for n in up.drop_names]
+    await wait_until(lambda: len(res._asking) == 2
+                     and _newest_asking_older_than(res, res.jostle_after), "slow fetches")
+    r = await query(sc.port, "www.example.test")
+    assert r.rcode() == dns.rcode.NOERROR and res.jostled == 0
+    assert {r.rcode() for r in await asyncio.gather(*slow)} == {dns.rcode.SERVFAIL}
+    assert res.jostled == 0 and res._slots.free == 4
+
+
+async def test_a_fetch_learning_its_soa_is_not_jostled(make_sidecar):
+    # Two NXDOMAINs without SOA share one slow SOA lookup (one fetch asks, one waits for
+    # it). Ending either would cancel the shared lookup: neither may be jostled, and both
+    # still answer NXDOMAIN with the learned SOA.
+    sc = await make_sidecar(max_inflight=2, timeout=1.0, tries=1)
+    res = sc.sc.resolver
+    res.jostle_after = 0.05
+    up = sc.upstream
+    up.strip_authority = True
+    up.name_latency = {"example.test": 0.5}
+    negs = [asyncio.ensure_future(query(sc.port, f"n{i}.example.test", timeout=5))
+            for i in range(2)]
+    await wait_until(lambda: up.count("example.test", "SOA") == 1 and res._slots.free == 0,
+                     "SOA lookup under way")
+    loop = asyncio.get_running_loop()
+    await wait_until(lambda: max(res._zones["example.test"].started.values())
+                     < loop.time() - res.jostle_after, "both fetches past jostle_after")
+    newcomer = asyncio.ensure_future(query(sc.port, "www.other.test", timeout=5))
+    replies = await asyncio.gather(*negs)
+    assert [r.rcode() for r in replies] == [dns.rcode.NXDOMAIN] * 2
+    assert all(str(r.authority[0].name) == "example.test." for r in replies)
+    await newcomer
+    assert res.jostled == 0 and res._slots.free == 2
+
+
+def test_default_jostle_timeout():
+    from sidecar.cache import Cache
+    from sidecar.encode import TtlPolicy
+    from sidecar.pool import PoolSet
+    from sidecar.resolver import Resolver
+
+    for timeout, expect in ((2.0, 0.5), (0.5, 0.2), (8.0, 2.0)):
+        pools = PoolSet([], [], timeout, 2)
+        r = Resolver(Cache(10), pools, TtlPolicy(), budget=timeout * 2)
+        assert r.jostle_after == expect
 
 
 # ------------------------------------------------------------------ SOA learning
