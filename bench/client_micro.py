@@ -9,7 +9,7 @@ threads) and wall time, then 200 sequential lookups (median latency). Variants:
 * ``aiodns-thread``: aiohttp's ``AsyncResolver`` with the client's options, on aiodns's
   default channel (c-ares' event thread hands every reply to the loop);
 * ``client``: ``client.sidecar_resolver()`` (the channel's sockets are watched by the loop,
-  ``sidecar.cares.LoopResolver``).
+  ``sidecar.upstream.cares.LoopResolver``).
 
     python bench/client_micro.py [--lookups 500] [--rounds 3]
 """

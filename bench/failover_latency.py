@@ -22,7 +22,7 @@ import dns.asyncquery  # noqa: E402
 import dns.message  # noqa: E402
 
 from sidecar import Config, HostPort, Sidecar  # noqa: E402
-from tests.fakeupstream import FakeUpstream  # noqa: E402
+from sidecar.testing.fakeupstream import FakeUpstream  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:

@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dns.message  # noqa: E402
 
 from sidecar import Config, HostPort, Sidecar  # noqa: E402
+from sidecar.testing.fakeupstream import FakeUpstream  # noqa: E402
 from tests.conftest import query  # noqa: E402
-from tests.fakeupstream import FakeUpstream  # noqa: E402
 
 
 async def main(n: int = 100_000, repeat: int = 7) -> None:

@@ -3,7 +3,7 @@
     python -m bench.soak [--seconds 600] [--qps 800] [--cache-size 20000] [--interval 5]
     python bench/soak.py ...            (the same)
 
-Starts a fake upstream process (``python tests/fakeupstream.py --port 0``) and a real sidecar
+Starts a fake upstream process (``python -m sidecar.testing.fakeupstream --port 0``) and a real sidecar
 process (``python -m sidecar ... --cache-size N``), both on loopback, and sends UDP queries at a
 fixed rate (open loop) from this process: a mix of
 
@@ -100,7 +100,7 @@ class Procs:
 
 
 def start_upstream(procs: Procs) -> int:
-    p = procs.spawn([sys.executable, "tests/fakeupstream.py", "--port", "0"],
+    p = procs.spawn([sys.executable, "-m", "sidecar.testing.fakeupstream", "--port", "0"],
                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     sel = selectors.DefaultSelector()
     sel.register(p.stdout, selectors.EVENT_READ)

@@ -22,7 +22,7 @@ import pycares
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import AsyncResolver, ThreadedResolver
 
-from sidecar.cares import LoopResolver
+from sidecar.upstream.cares import LoopResolver
 
 from .errors import PrewarmError
 from .prewarm import (

@@ -87,7 +87,7 @@ print(*out)
 PY
 )
 read -r up_port dns_port http_port <<<"$ports"
-"$PY" -m tests.fakeupstream --port "$up_port" >"$work/upstream.log" 2>&1 & pids+=($!)
+"$PY" -m sidecar.testing.fakeupstream --port "$up_port" >"$work/upstream.log" 2>&1 & pids+=($!)
 
 ctr=$(bh from --pull-never localhost/dns-sidecar:smoke)
 run_env=(-e DNS_SIDECAR_LISTEN=127.0.0.1:"$dns_port" -e DNS_SIDECAR_HTTP=127.0.0.1:"$http_port"

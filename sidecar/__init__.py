@@ -5,7 +5,7 @@ reads their state. ``Sidecar(Config(...))`` runs one in-process; ``dns-sidecar``
 process.
 
 The package face is lazy (PEP 562, as dnspython's): ``import sidecar`` loads nothing else,
-so the client can import the loop-driven c-ares channel (:mod:`sidecar.cares`) without the
+so the client can import the loop-driven c-ares channel (:mod:`sidecar.upstream.cares`) without the
 server, its listeners, its cache or dnslib. A name below is imported on first use.
 """
 
@@ -49,9 +49,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .cache import Cache, Entry
-    from .config import Config, HostPort, parse_hostport
-    from .errors import (
+    from sidecar.config import Config, HostPort, parse_hostport
+    from sidecar.dns.cache import Cache, Entry
+    from sidecar.errors import (
         ConfigError,
         ResolveFailed,
         SidecarError,
@@ -59,7 +59,7 @@ if TYPE_CHECKING:  # pragma: no cover
         UpstreamError,
         WireError,
     )
-    from .server import Sidecar
+    from sidecar.server import Sidecar
 
 
 def __getattr__(name: str) -> Any:

@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-from .config import (
+from sidecar.config import (
     Config,
     HostPort,
     parse_cidrs,
@@ -20,7 +20,7 @@ from .config import (
     parse_zone,
     read_resolv_conf,
 )
-from .errors import ConfigError, StartupError
+from sidecar.errors import ConfigError, StartupError
 
 ENV_PREFIX = "DNS_SIDECAR_"
 RESOLV_CONF = "/etc/resolv.conf"
@@ -246,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StartupError as exc:
         print(f"{PROG}: cannot start: {exc}", file=sys.stderr)
         return 1
-    from .server import run
+    from sidecar.server import run
 
     try:
         return run(cfg)

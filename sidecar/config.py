@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from sidecar.errors import ConfigError
 
 DEFAULT_DNS_PORT = 5353
 DEFAULT_HTTP_PORT = 8053

@@ -14,18 +14,18 @@ import signal
 import time
 from dataclasses import replace
 
-from . import cares
-from .acl import Acl
-from .cache import Cache
-from .config import Config, HostPort, read_resolv_conf
-from .encode import TtlPolicy
-from .errors import StartupError
-from .handler import QueryHandler
-from .listeners import TcpListener, UdpListener, close_listeners, open_listeners
-from .pool import PoolSet
-from .ratelimit import RateLimiter
-from .resolver import Resolver
-from .scrub import ScrubPolicy
+from sidecar.config import Config, HostPort, read_resolv_conf
+from sidecar.dns.acl import Acl
+from sidecar.dns.cache import Cache
+from sidecar.dns.handler import QueryHandler
+from sidecar.dns.listeners import TcpListener, UdpListener, close_listeners, open_listeners
+from sidecar.dns.ratelimit import RateLimiter
+from sidecar.errors import StartupError
+from sidecar.miss.entry import TtlPolicy
+from sidecar.miss.fetch import Resolver
+from sidecar.miss.scrub import ScrubPolicy
+from sidecar.upstream import cares
+from sidecar.upstream.pool import PoolSet
 
 log = logging.getLogger("sidecar")
 
@@ -84,7 +84,7 @@ class Sidecar:
             tcp_idle_timeout=self.config.tcp_idle_timeout)
         self.pools.start()
         if self.config.http is not None:
-            from .api import ApiServer
+            from sidecar.ops.api import ApiServer
 
             self._api = ApiServer(self)
             try:
@@ -227,7 +227,7 @@ async def serve(config: Config) -> int:
 
 def run(config: Config) -> int:
     """Process entry: logging, event loop (uvloop when installed), serve."""
-    from .log import setup_logging
+    from sidecar.log import setup_logging
 
     setup_logging(config.log_level, config.log_format)
     use_uvloop = os.environ.get("DNS_SIDECAR_NO_UVLOOP", "") in ("", "0")

@@ -355,7 +355,7 @@ class ClientTarget:
     fixture of tests/conftest.py, whose upstream is a FakeUpstream) and its
     ``/prewarm`` endpoint.
 
-    While the sidecar runs without its HTTP API (``sidecar.api`` not written yet),
+    While the sidecar runs without its HTTP API (``sidecar.ops.api`` not written yet),
     ``/prewarm`` is served by :class:`PrewarmStandIn`, which resolves through the
     sidecar's own DNS port, so the names land in the sidecar's cache as the real
     endpoint would put them.

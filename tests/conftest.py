@@ -16,11 +16,11 @@ import dns.rdatatype
 import pytest
 
 from sidecar import Config, HostPort, Sidecar
+from sidecar.testing.fakeupstream import FakeUpstream
 from tests.client_servers import ClientTarget, client_target
-from tests.fakeupstream import FakeUpstream
 from tests.helpers import fake_upstream, running
 
-HAVE_API = importlib.util.find_spec("sidecar.api") is not None
+HAVE_API = importlib.util.find_spec("sidecar.ops.api") is not None
 
 
 class RunningSidecar:

@@ -14,7 +14,7 @@ import dns.message
 import dns.rdatatype
 
 from sidecar import Config, HostPort, Sidecar
-from tests.fakeupstream import FakeUpstream
+from sidecar.testing.fakeupstream import FakeUpstream
 
 # ------------------------------------------------------------------ fake upstreams
 

@@ -11,7 +11,7 @@ import dns.rcode
 import pytest
 
 from sidecar import HostPort
-from tests.fakeupstream import FakeUpstream
+from sidecar.testing.fakeupstream import FakeUpstream
 
 
 async def test_clients_outside_allow_are_refused(make_sidecar):
@@ -72,7 +72,7 @@ async def test_reload_swaps_upstreams_and_keeps_cache(make_sidecar, upstream):
 
 @pytest.mark.parametrize("rate", [1.0])
 def test_rate_limiter_refills(rate):
-    from sidecar.ratelimit import RateLimiter
+    from sidecar.dns.ratelimit import RateLimiter
 
     rl = RateLimiter(rate, burst=2)
     assert rl.allow("a") and rl.allow("a") and not rl.allow("a")

@@ -24,9 +24,10 @@ import pytest
 from jsonschema import Draft202012Validator
 from openapi_schema_validator import OAS31Validator
 
-import sidecar.api as api_mod
+import sidecar.ops.api as api_mod
 from sidecar import HostPort, Sidecar, StartupError
-from sidecar.api import (
+from sidecar.dns.wire import make_key
+from sidecar.ops.api import (
     ApiServer,
     cache_key,
     decode_entry,
@@ -36,9 +37,8 @@ from sidecar.api import (
     parse_name,
     parse_type,
 )
-from sidecar.openapi import openapi_document
-from sidecar.wire import make_key
-from tests.fakeupstream import FakeUpstream
+from sidecar.ops.openapi import openapi_document
+from sidecar.testing.fakeupstream import FakeUpstream
 from tests.helpers import call, dns_query, make_config, running, url
 
 TOKEN = "s3cret-token"

@@ -21,11 +21,11 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import sidecar.api as api_mod
+import sidecar.ops.api as api_mod
 from client.prewarm import PrewarmResult, PrewarmTable, post_prewarm
 from sidecar import Sidecar
-from sidecar.api import host_names_listener, host_of, is_json_type, result_size
-from tests.fakeupstream import FakeUpstream
+from sidecar.ops.api import host_names_listener, host_of, is_json_type, result_size
+from sidecar.testing.fakeupstream import FakeUpstream
 from tests.helpers import call, dns_query, running, url
 
 TOKEN = "guard-token"

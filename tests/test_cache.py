@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 import tracemalloc
 
-from sidecar import cache as cache_mod
-from sidecar.cache import Cache, entry_size, new_entry
+from sidecar.dns import cache as cache_mod
+from sidecar.dns.cache import Cache, entry_size, new_entry
 
 
 def _entry() -> tuple:

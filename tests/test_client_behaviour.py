@@ -38,7 +38,7 @@ async def web():
 def test_import_client_loads_no_server_code():
     code = ("import client, sys; mods = sorted(m for m in sys.modules if m == 'dnslib' or "
             "m.startswith('dnslib.') or (m.startswith('sidecar') and m not in "
-            "('sidecar', 'sidecar.cares'))); print(mods); sys.exit(1 if mods else 0)")
+            "('sidecar', 'sidecar.upstream', 'sidecar.upstream.cares'))); print(mods); sys.exit(1 if mods else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -203,7 +203,7 @@ async def test_dead_domain_crawl_fails_no_healthy_request(side, web):
     from aiohttp.resolver import AsyncResolver
 
     from client import ClassCounters, FailoverResolver
-    from tests.fakeupstream import FakeUpstream, Zone
+    from sidecar.testing.fakeupstream import FakeUpstream, Zone
 
     empty = FakeUpstream(zone=Zone())
     await empty.start()

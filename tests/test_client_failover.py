@@ -21,8 +21,8 @@ from client import (
     sidecar_resolver,
     trace_config,
 )
+from sidecar.testing.fakeupstream import FakeUpstream
 from tests.client_servers import serving_http, start_raw
-from tests.fakeupstream import FakeUpstream
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from dockerfile_parse import DockerfileParser
 
 from sidecar.cli import ENV_PREFIX, build_parser, parse_config
 from sidecar.config import HostPort, parse_hostport
-from sidecar.flagtable import documented_actions, env_name
+from tools.flagtable import documented_actions, env_name
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"

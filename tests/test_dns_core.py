@@ -151,7 +151,7 @@ async def test_negative_answer_without_soa_learns_it(sidecar):
 async def test_query_dns_path_when_pycares_internals_are_missing(make_sidecar, monkeypatch):
     # Without caresquery (pycares changed), aiodns's query_dns answers and soa.py supplies
     # the SOA that query_dns leaves out of negative answers.
-    from sidecar import caresquery
+    from sidecar.upstream import query as caresquery
     monkeypatch.setattr(caresquery, "AVAILABLE", False)
     sc = await make_sidecar()
     r = await sc.query("www.example.test")

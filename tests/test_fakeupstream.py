@@ -21,7 +21,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from tests.fakeupstream import FakeUpstream, Zone, default_zone
+from sidecar.testing.fakeupstream import FakeUpstream, Zone, default_zone
 
 LOOPBACK = "127.0.0.1"
 TIMEOUT = 2.0
@@ -704,10 +704,10 @@ async def test_standalone_script(tmp_path: Path) -> None:
         "@ 3600 IN SOA ns.other.test. hostmaster.other.test. 1 3600 600 86400 45\n"
         "www 60 IN A 10.8.8.8\n"
     )
-    script = Path(__file__).with_name("fakeupstream.py")
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
-        str(script),
+        "-m",
+        "sidecar.testing.fakeupstream",
         "--port",
         "0",
         "--host",

@@ -158,9 +158,9 @@ async def test_slow_just_over_the_timeout_servfails(make_sidecar, upstream):
 
 async def test_slow_first_server_is_hedged_to_the_second(make_sidecar, upstream, second_upstream,
                                                          monkeypatch):
-    import sidecar.pool
+    import sidecar.upstream.pool
 
-    monkeypatch.setattr(sidecar.pool, "EXPLORE_SHARE", 0.0)  # the configured order, always
+    monkeypatch.setattr(sidecar.upstream.pool, "EXPLORE_SHARE", 0.0)  # the configured order, always
     slow, fast = second_upstream, upstream
     slow.latency = 1.2  # just over the 1 s try timeout
     sc = await make_sidecar(upstreams=(hp(slow), hp(fast)), timeout=1.0, tries=2)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sidecar import cli
-from sidecar.flagtable import (
+from tools.flagtable import (
     NO_DEFAULT,
     README_BEGIN,
     README_END,
@@ -57,7 +57,7 @@ def test_readme_flag_block_is_current() -> None:
         pytest.skip(f"README.md has no {README_BEGIN} / {README_END} markers yet "
                     "(the README owner adds them); the table is checked once they are there")
     assert extract_block(text) == render_flag_table().strip("\n"), (
-        "README.md's flag table is out of date: run `python -m sidecar.flagtable README.md`")
+        "README.md's flag table is out of date: run `python -m tools.flagtable README.md`")
 
 
 def test_table_lists_every_flag_of_the_parser() -> None:
@@ -180,7 +180,7 @@ def test_replace_block_needs_exactly_one_pair_of_markers() -> None:
 
 
 def run_module(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sidecar.flagtable", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "tools.flagtable", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
 
 

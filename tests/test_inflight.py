@@ -1,4 +1,4 @@
-"""The upstream in-flight bound (sidecar.inflight.Slots): FIFO hand-over, no slot leaks; the
+"""The upstream in-flight bound (sidecar.miss.inflight.Slots): FIFO hand-over, no slot leaks; the
 per-zone slots and the zone key they are grouped by."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from sidecar.inflight import Slots, ZoneSlots, zone_key
+from sidecar.miss.inflight import Slots, ZoneSlots, zone_key
 
 
 async def test_take_until_full_then_release_frees():
@@ -150,9 +150,9 @@ def _key(label: str) -> bytes:
 
 
 def _resolver(pool: _StuckPool, slots: int):
-    from sidecar.cache import Cache
-    from sidecar.encode import TtlPolicy
-    from sidecar.resolver import Resolver
+    from sidecar.dns.cache import Cache
+    from sidecar.miss.entry import TtlPolicy
+    from sidecar.miss.fetch import Resolver
 
     return Resolver(Cache(10), pool, TtlPolicy(), max_inflight=slots, budget=2.0,
                     jostle_after=0.0)
@@ -167,8 +167,8 @@ async def _until(pred) -> None:
 
 
 async def test_jostled_fetch_answers_servfail_and_hands_its_slot_over():
-    from sidecar.cache import RCODE
-    from sidecar.wire import SERVFAIL
+    from sidecar.dns.cache import RCODE
+    from sidecar.dns.wire import SERVFAIL
 
     pool = _StuckPool()
     res = _resolver(pool, 1)

@@ -17,9 +17,9 @@ import dns.message
 import dns.rcode
 import pytest
 
-from sidecar.listeners import TCP_MAX_BUFFERED
+from sidecar.dns.listeners import TCP_MAX_BUFFERED
+from sidecar.dns.ratelimit import RateLimiter
 from sidecar.log import REPEATS
-from sidecar.ratelimit import RateLimiter
 from tests.conftest import query
 
 HUGE = "huge.example.test"

@@ -21,8 +21,8 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
+from sidecar.testing.fakeupstream import FakeUpstream
 from tests.conftest import query
-from tests.fakeupstream import FakeUpstream
 from tests.helpers import free_port
 
 TXT_61K = ["x" * 255] * 240  # one TXT record of 61,440 bytes: over TCP after TC
@@ -185,9 +185,9 @@ async def test_waiters_give_up_long_before_the_budget(make_sidecar, same_zone):
 
 
 def test_default_queue_bounds():
-    from sidecar.cache import Cache
-    from sidecar.encode import TtlPolicy
-    from sidecar.resolver import Resolver
+    from sidecar.dns.cache import Cache
+    from sidecar.miss.entry import TtlPolicy
+    from sidecar.miss.fetch import Resolver
 
     r = Resolver(Cache(10), object(), TtlPolicy(), max_inflight=1024, budget=4.0)
     assert r.max_waiting == 2048 and r.queue_wait == 1.5 < 4.0
@@ -344,10 +344,10 @@ async def test_a_fetch_learning_its_soa_is_not_jostled(make_sidecar):
 
 
 def test_default_jostle_timeout():
-    from sidecar.cache import Cache
-    from sidecar.encode import TtlPolicy
-    from sidecar.pool import PoolSet
-    from sidecar.resolver import Resolver
+    from sidecar.dns.cache import Cache
+    from sidecar.miss.entry import TtlPolicy
+    from sidecar.miss.fetch import Resolver
+    from sidecar.upstream.pool import PoolSet
 
     for timeout, expect in ((2.0, 0.5), (0.5, 0.2), (8.0, 2.0)):
         pools = PoolSet([], [], timeout, 2)
@@ -422,6 +422,6 @@ async def test_soa_learning_stays_inside_the_inflight_bound(make_sidecar):
     ("x.y.shop.co.uk", False, "shop.co.uk"),
 ])
 def test_soa_guess(name, include_self, guess):
-    from sidecar.soa import SoaFinder
+    from sidecar.miss.soa import SoaFinder
 
     assert SoaFinder.guess(name, include_self) == guess

@@ -20,10 +20,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import sidecar
-from sidecar import Sidecar, kernel
-from sidecar.latency import BUCKETS
-from sidecar.metrics import CONTENT_TYPE_LATEST, histogram_buckets
-from tests.fakeupstream import FakeUpstream
+from sidecar import Sidecar
+from sidecar.ops import udpdrops as kernel
+from sidecar.ops.metrics import CONTENT_TYPE_LATEST, histogram_buckets
+from sidecar.testing.fakeupstream import FakeUpstream
+from sidecar.upstream.latency import BUCKETS
 from tests.helpers import dns_query, running
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -8,7 +8,7 @@ import time
 import dns.rcode
 import pytest
 
-import sidecar.pool
+import sidecar.upstream.pool
 from sidecar import HostPort
 from tests.conftest import expire_all
 from tests.helpers import hp, upstream_obj
@@ -19,7 +19,7 @@ WAIT = 15.0  # bound on waiting for a state change the prober makes
 @pytest.fixture(autouse=True)
 def no_exploration(monkeypatch):
     """Tests here depend on the server order; the 5% random exploration would reorder it."""
-    monkeypatch.setattr(sidecar.pool, "EXPLORE_SHARE", 0.0)
+    monkeypatch.setattr(sidecar.upstream.pool, "EXPLORE_SHARE", 0.0)
 
 
 async def test_blackholed_server_is_quarantined_and_then_skipped(make_sidecar, upstream,
@@ -188,7 +188,7 @@ async def test_slow_server_is_hedged_to_the_next(make_sidecar, upstream, second_
 
 
 async def test_lost_upstream_packet_is_retransmitted_within_the_try(make_sidecar, upstream):
-    # Upstream channels are driven by the event loop (sidecar.cares.LoopResolver), not by
+    # Upstream channels are driven by the event loop (sidecar.upstream.cares.LoopResolver), not by
     # c-ares' own thread: c-ares' retransmission must still fire, inside one try.
     sc = await make_sidecar(timeout=5.0, tries=1)
     u = upstream_obj(sc, upstream)

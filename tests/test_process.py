@@ -13,7 +13,7 @@ import dns.query
 import dns.rcode
 import pytest
 
-from tests.fakeupstream import FakeUpstream
+from sidecar.testing.fakeupstream import FakeUpstream
 from tests.helpers import free_port
 
 

@@ -3,7 +3,7 @@
 End-to-end tests run the real :class:`Sidecar` against the fake upstream with hostile content
 injected into its replies (extra answer records for a victim name, NS and glue, a foreign SOA,
 huge TTLs, an answer with no record for the question) and query it with dnspython; unit and
-property tests drive :func:`sidecar.scrub.scrub` directly.
+property tests drive :func:`sidecar.miss.scrub.scrub` directly.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.cache import EXPIRES
-from sidecar.encode import Answer, Rec, TtlPolicy, build_entry
-from sidecar.scrub import MAX_CHAIN, ScrubPolicy, is_ancestor, scrub
-from sidecar.wire import NOERROR, NXDOMAIN, encode_name, make_key
+from sidecar.dns.cache import EXPIRES
+from sidecar.dns.wire import NOERROR, NXDOMAIN, encode_name, make_key
+from sidecar.miss.entry import TtlPolicy, build_entry
+from sidecar.miss.scrub import MAX_CHAIN, ScrubPolicy, is_ancestor, scrub
+from sidecar.upstream.records import Answer, Rec
 from tests.helpers import hp
 
 A, NS, CNAME, SOA, AAAA = 1, 2, 5, 6, 28

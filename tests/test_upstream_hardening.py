@@ -26,9 +26,9 @@ import dns.rdatatype
 import pytest
 from dnslib import DNSLabel
 
-import sidecar.cares
+import sidecar.upstream.cares
 from sidecar import HostPort
-from tests.fakeupstream import FakeUpstream
+from sidecar.testing.fakeupstream import FakeUpstream
 from tests.forger import RecordingUpstream, answer, forge
 from tests.helpers import free_port, upstream_obj
 
@@ -80,7 +80,7 @@ async def test_each_upstream_query_leaves_from_its_own_port(make_sidecar, record
     replies = await asyncio.gather(*(sc.query(f"burst{i}.example.test") for i in range(n)))
     assert all(a_records(r) == [RecordingUpstream.ADDRESS] for r in replies)
     assert len({s.port for s in recorder.seen}) == n
-    assert sidecar.cares.per_query_ports is True
+    assert sidecar.upstream.cares.per_query_ports is True
 
 
 async def test_a_resent_query_gets_a_new_port(make_sidecar, recorder):
@@ -265,9 +265,9 @@ async def test_steady_slow_upstream_is_answered_from_a_cold_start(make_sidecar, 
 
 async def test_slow_first_try_fails_over_and_still_counts(make_sidecar, upstream,
                                                           second_upstream, monkeypatch):
-    import sidecar.pool
+    import sidecar.upstream.pool
 
-    monkeypatch.setattr(sidecar.pool, "EXPLORE_SHARE", 0.0)
+    monkeypatch.setattr(sidecar.upstream.pool, "EXPLORE_SHARE", 0.0)
     slow, fast = second_upstream, upstream
     sc = await make_sidecar(upstreams=(hp_(slow), hp_(fast)), timeout=2.0, tries=2)
     fast.latency = 0.02  # during the warm-up, so the (later) slow server ranks first
@@ -356,7 +356,7 @@ def test_sidecar_process_idles_after_a_tcp_fallback(tcp_upstream):
 
 CLIENT = textwrap.dedent("""
     import asyncio, sys
-    from sidecar.cares import LoopResolver
+    from sidecar.upstream.cares import LoopResolver
 
     async def main():
         r = LoopResolver(nameservers=[sys.argv[1]], timeout=2.0, tries=2,

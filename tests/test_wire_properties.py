@@ -47,8 +47,8 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from sidecar import Config, HostPort, Sidecar
-from sidecar.wire import make_key
-from tests.fakeupstream import FakeUpstream
+from sidecar.dns.wire import make_key
+from sidecar.testing.fakeupstream import FakeUpstream
 
 # Hypothesis: no per-example deadline (the machine is shared and loaded; every await in the live
 # test is bounded by asyncio.wait_for instead).

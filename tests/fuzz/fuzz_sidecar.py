@@ -2,7 +2,7 @@
 
     python -m tests.fuzz.fuzz_sidecar --packets 200000 --seconds 60 [--seed N] [--rate PPS]
 
-Starts a fake upstream process (``python tests/fakeupstream.py --port 0``, loopback only) and a
+Starts a fake upstream process (``python -m sidecar.testing.fakeupstream --port 0``, loopback only) and a
 real sidecar process (``python -m sidecar --listen 127.0.0.1:PORT --http off --upstream
 127.0.0.1:UPORT``), then
 throws random and mutated packets at it: random garbage, truncated headers, bad label lengths,
@@ -43,7 +43,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import dns.asyncquery
 import dns.exception
@@ -476,8 +475,7 @@ def answers(port: int, timeout: float = 0.3) -> bool:
 def start_upstream() -> tuple[subprocess.Popen, int]:
     """The fake upstream in its own process (in a thread here, its dnslib work would starve
     this event loop and replies would be dropped at our socket); returns it and its port."""
-    script = Path(__file__).resolve().parent.parent / "fakeupstream.py"
-    p = subprocess.Popen([sys.executable, str(script), "--port", "0"], stdin=subprocess.DEVNULL,
+    p = subprocess.Popen([sys.executable, "-m", "sidecar.testing.fakeupstream", "--port", "0"], stdin=subprocess.DEVNULL,
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                          start_new_session=True)
     sel = selectors.DefaultSelector()

@@ -11,14 +11,15 @@ import aiodns
 import pycares
 from aiodns.error import DNSError
 
-from . import caresquery
-from .cares import make_resolver
-from .config import HostPort
-from .encode import FORWARDABLE, Answer, rec_from_pycares
-from .errors import UpstreamError
-from .health import Health
-from .latency import LatencyTracker
-from .wire import NOERROR, NXDOMAIN
+from sidecar.config import HostPort
+from sidecar.dns.types import FORWARDABLE
+from sidecar.dns.wire import NOERROR, NXDOMAIN
+from sidecar.errors import UpstreamError
+from sidecar.upstream import query as caresquery
+from sidecar.upstream.cares import make_resolver
+from sidecar.upstream.health import Health
+from sidecar.upstream.latency import LatencyTracker
+from sidecar.upstream.records import Answer, rec_from_pycares
 
 log = logging.getLogger("sidecar.upstream")
 errlog = logging.getLogger("sidecar.resolver_errors")

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from .wire import RCODE_NAMES, key_type, qname_text
+from sidecar.dns.wire import RCODE_NAMES, key_type, qname_text
 
 _U32 = struct.Struct(">I")
 _COUNTS = struct.Struct(">HHHH")

@@ -15,13 +15,13 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
-from .config import HostPort
-from .errors import StartupError
-from .log import limit_repeats
+from sidecar.config import HostPort
+from sidecar.errors import StartupError
+from sidecar.log import limit_repeats
 
 if TYPE_CHECKING:
-    from .acl import Acl
-    from .handler import PendingReply
+    from sidecar.dns.acl import Acl
+    from sidecar.dns.handler import PendingReply
 
 log = logging.getLogger("sidecar.listen")
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from . import kernel
-from .wire import RCODE_NAMES
+from sidecar.dns.wire import RCODE_NAMES
+from sidecar.ops import udpdrops as kernel
 
 if TYPE_CHECKING:
-    from .server import Sidecar
-    from .upstream import Upstream
+    from sidecar.server import Sidecar
+    from sidecar.upstream.nameserver import Upstream
 
 #: Upstream outcomes that are failures, reported under ``errors`` in ``/stats``.
 ERROR_KINDS = ("timeout", "servfail", "refused", "unreachable", "error")

@@ -1,7 +1,7 @@
 """Prometheus exposition of the sidecar's counters (``GET /metrics``).
 
 :class:`SidecarCollector` is a custom collector: it reads the plain integer counters of the
-DNS path (see :mod:`sidecar.stats`) when Prometheus scrapes, so the hot path never touches a
+DNS path (see :mod:`sidecar.ops.stats`) when Prometheus scrapes, so the hot path never touches a
 prometheus-client object. Each sidecar gets its own :class:`~prometheus_client.CollectorRegistry`
 (never the global one), so several sidecars in one process (tests) do not collide.
 
@@ -27,12 +27,12 @@ from prometheus_client.core import (
 )
 from prometheus_client.utils import floatToGoString
 
-from . import stats
-from .latency import BUCKETS
+from sidecar.ops import stats
+from sidecar.upstream.latency import BUCKETS
 
 if TYPE_CHECKING:
-    from .api import ApiServer
-    from .server import Sidecar
+    from sidecar.ops.api import ApiServer
+    from sidecar.server import Sidecar
 
 PREFIX = "dns_sidecar_"
 
@@ -40,7 +40,7 @@ __all__ = ["CONTENT_TYPE_LATEST", "PREFIX", "SidecarCollector", "make_registry",
 
 
 def _version() -> str:
-    from . import __version__
+    from sidecar import __version__
 
     return str(__version__)
 
@@ -70,7 +70,7 @@ def histogram_buckets(per_bucket: list[int], count: int) -> list[tuple[str, floa
 
 class SidecarCollector:
     """Reads a :class:`~sidecar.server.Sidecar` at scrape time. ``api`` (optional) is the
-    :class:`~sidecar.api.ApiServer`, for the pre-warm counters."""
+    :class:`~sidecar.ops.api.ApiServer`, for the pre-warm counters."""
 
     def __init__(self, sidecar: Sidecar, api: ApiServer | None = None) -> None:
         self.sidecar = sidecar

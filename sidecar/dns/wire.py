@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from .errors import WireError
+from sidecar.errors import WireError
 
 # RCODEs
 NOERROR = 0

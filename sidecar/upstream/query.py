@@ -14,7 +14,7 @@ SOA lookups and dnslib; 162-200 us with this module and the other miss-path chan
 same session (wire-level entries, tries as futures).
 
 The cffi callback runs where c-ares processes the reply: on the event loop for the sidecar's
-loop-driven channels (:class:`sidecar.cares.LoopResolver`), where it calls the caller's
+loop-driven channels (:class:`sidecar.upstream.cares.LoopResolver`), where it calls the caller's
 ``done`` at once, or on c-ares' event thread for a default aiodns channel, from where it hands
 the records over with ``call_soon_threadsafe``. The record pointer is only valid inside the
 callback, so parsing happens there. If pycares's internals are not what this expects,
@@ -34,8 +34,8 @@ from typing import Any
 
 import pycares
 
-from .encode import Rec, rdata_from_pycares
-from .wire import encode_name
+from sidecar.dns.wire import encode_name
+from sidecar.upstream.records import Rec, rdata_from_pycares
 
 # Names inside rdata (a zone's SOA names, CNAME and NS targets) repeat from reply to reply;
 # encoding one costs ~2 us, a cache hit ~0.1 us.

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from .acl import Acl
-from .cache import (
+from sidecar.dns.acl import Acl
+from sidecar.dns.cache import (
     AGE,
     BODY,
     EXPIRES,
@@ -27,11 +27,9 @@ from .cache import (
     render,
     stale_body,
 )
-from .encode import FORWARDABLE
-from .errors import WireError
-from .ratelimit import RateLimiter
-from .resolver import Resolver
-from .wire import (
+from sidecar.dns.ratelimit import RateLimiter
+from sidecar.dns.types import FORWARDABLE
+from sidecar.dns.wire import (
     BADVERS,
     CLASS_IN,
     FORMERR,
@@ -46,6 +44,8 @@ from .wire import (
     header_only_reply,
     parse_query,
 )
+from sidecar.errors import WireError
+from sidecar.miss.fetch import Resolver
 
 _B2 = (b"\x80", b"\x81")  # QR, plus RD copied from the query
 _B2_TC = (b"\x82", b"\x83")

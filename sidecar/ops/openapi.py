@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .encode import TYPE_NUMBERS
+from sidecar.dns.types import TYPE_NUMBERS
 
 OPENAPI_VERSION = "3.1.0"
 
@@ -301,9 +301,9 @@ def _paths(concurrency: int, max_body: int, max_lookups: int, backlog: int,
 def openapi_document(*, max_names: int, max_lookups: int, concurrency: int, max_body: int,
                      backlog: int, response_budget: int, retry_after: int) -> dict[str, Any]:
     """The OpenAPI document, built fresh (callers may modify it). The limits are those the
-    server enforces (:meth:`sidecar.api.ApiServer.limits`), passed in so they are defined
+    server enforces (:meth:`sidecar.ops.api.ApiServer.limits`), passed in so they are defined
     in one place."""
-    from . import __version__
+    from sidecar import __version__
 
     return {
         "openapi": OPENAPI_VERSION,

@@ -5,7 +5,7 @@ The fallback for negative answers that arrive without an SOA in their authority 
 the SOA a negative answer must carry is then learned with one SOA query, made on the
 fetch's own in-flight slot. Asking every ancestor at once cost a query per label (60 and more
 for a long name, outside any bound); instead the closest apex already known is used, else
-one name is asked: the registrable-domain guess (:func:`~sidecar.inflight.zone_key`), which
+one name is asked: the registrable-domain guess (:func:`~sidecar.miss.inflight.zone_key`), which
 is the apex for most names, and whose reply also carries the enclosing zone's SOA in its
 authority section when it is not (NXDOMAIN/NODATA). What is learned (an apex and its SOA,
 or "asked, nothing learned") is remembered, so later negative answers under the same zone
@@ -18,9 +18,9 @@ import asyncio
 import time
 from typing import Any
 
-from .errors import ResolveFailed, UpstreamError
-from .inflight import zone_key
-from .wire import NOERROR
+from sidecar.dns.wire import NOERROR
+from sidecar.errors import ResolveFailed, UpstreamError
+from sidecar.miss.inflight import zone_key
 
 _NOT_APEX_TTL = 300.0
 _FAILED_TTL = 30.0

@@ -10,15 +10,16 @@ import asyncio
 import logging
 import time
 
-from .cache import EXPIRES, RCODE, Cache, RawEntry
-from .coalesce import Coalescer
-from .encode import Answer, Rec, TtlPolicy, build_entry, servfail_entry
-from .errors import ResolveFailed
-from .inflight import Slots, ZoneSlots, zone_key
-from .pool import PoolSet
-from .scrub import ScrubPolicy, scrub
-from .soa import SoaFinder
-from .wire import NXDOMAIN, SERVFAIL, key_type, qname_text
+from sidecar.dns.cache import EXPIRES, RCODE, Cache, RawEntry
+from sidecar.dns.wire import NXDOMAIN, SERVFAIL, key_type, qname_text
+from sidecar.errors import ResolveFailed
+from sidecar.miss.coalesce import Coalescer
+from sidecar.miss.entry import TtlPolicy, build_entry, servfail_entry
+from sidecar.miss.inflight import Slots, ZoneSlots, zone_key
+from sidecar.miss.scrub import ScrubPolicy, scrub
+from sidecar.miss.soa import SoaFinder
+from sidecar.upstream.pool import PoolSet
+from sidecar.upstream.records import Answer, Rec
 
 log = logging.getLogger("sidecar.resolver")
 
@@ -36,7 +37,7 @@ QUEUE_MIN = 256
 #: spent asking; a SERVFAIL it still reads is better than a retransmission into the queue.
 QUEUE_WAIT_SHARE = 0.25
 QUEUE_WAIT_MIN = 1.5
-#: One zone (:func:`~sidecar.inflight.zone_key`) holds at most 1/ZONE_SHARE of the slots, so
+#: One zone (:func:`~sidecar.miss.inflight.zone_key`) holds at most 1/ZONE_SHARE of the slots, so
 #: a flood under one zone always leaves the rest for others.
 ZONE_SHARE = 2
 #: A zone with fetches running longer than the slow threshold (a dead or very slow zone)

@@ -1,12 +1,12 @@
 """The health and stats HTTP API (``--http``, default ``127.0.0.1:8053``).
 
 Endpoints (JSON unless said otherwise; the OpenAPI document at ``/openapi.json`` is the full
-reference, see :mod:`sidecar.openapi`)::
+reference, see :mod:`sidecar.ops.openapi`)::
 
     GET    /healthz              200 {"status": "ok"} while DNS is served, else 503
     GET    /readyz               200 {"status": "ready"}; 503 with reasons per pool
-    GET    /stats                counters and state (see sidecar.stats.snapshot)
-    GET    /metrics              Prometheus text exposition (sidecar.metrics)
+    GET    /stats                counters and state (see sidecar.ops.stats.snapshot)
+    GET    /metrics              Prometheus text exposition (sidecar.ops.metrics)
     GET    /cache?name=N&type=T  the cached entry for N/T (type defaults to A), or 404
     DELETE /cache[?name=N[&type=T]]  flush everything, one name (every type), or one entry
     POST   /prewarm              {"names": [...], "types": ["A", "AAAA"]}: resolve into the cache
@@ -56,17 +56,17 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from dnslib import QTYPE, RR, DNSRecord
 
-from .cache import Entry
-from .config import HostPort
-from .encode import TYPE_NUMBERS
-from .errors import StartupError, WireError
-from .metrics import CONTENT_TYPE_LATEST, make_registry, render
-from .openapi import openapi_document
-from .stats import not_ready_reasons, snapshot
-from .wire import RCODE_NAMES, RR_FIXED, make_key, skip_name
+from sidecar.config import HostPort
+from sidecar.dns.cache import Entry
+from sidecar.dns.types import TYPE_NUMBERS
+from sidecar.dns.wire import RCODE_NAMES, RR_FIXED, make_key, skip_name
+from sidecar.errors import StartupError, WireError
+from sidecar.ops.metrics import CONTENT_TYPE_LATEST, make_registry, render
+from sidecar.ops.openapi import openapi_document
+from sidecar.ops.stats import not_ready_reasons, snapshot
 
 if TYPE_CHECKING:
-    from .server import Sidecar
+    from sidecar.server import Sidecar
 
 log = logging.getLogger("sidecar.api")
 
@@ -234,7 +234,7 @@ def parse_name(raw: object, field: str) -> str:
 
 def cache_key(name: str, qtype: int) -> bytes:
     """The cache key of a name accepted by :func:`parse_name` (same bytes as
-    :func:`sidecar.wire.make_key`, faster for plain names)."""
+    :func:`sidecar.dns.wire.make_key`, faster for plain names)."""
     if _PLAIN_NAME.fullmatch(name) and len(name) <= 253:
         wire = b"".join(bytes((len(label),)) + label.encode("ascii")
                         for label in name.split("."))
@@ -496,7 +496,7 @@ class ApiServer:
     # -------------------------------------------------------------- stats and metrics
 
     async def stats(self, request: web.Request) -> web.Response:
-        """The ``/stats`` document (:func:`sidecar.stats.snapshot`) plus a ``prewarm`` object."""
+        """The ``/stats`` document (:func:`sidecar.ops.stats.snapshot`) plus a ``prewarm`` object."""
         return web.json_response(snapshot(self.sidecar, self.stats_extra()))
 
     def stats_extra(self) -> dict[str, Any]:
@@ -520,7 +520,7 @@ class ApiServer:
         return web.json_response(openapi_document(**self.limits()))
 
     def limits(self) -> dict[str, int]:
-        """The limits this server enforces, as :func:`sidecar.openapi.openapi_document`
+        """The limits this server enforces, as :func:`sidecar.ops.openapi.openapi_document`
         takes them."""
         return {"max_names": self.max_names, "max_lookups": self.max_lookups,
                 "concurrency": self.prewarm_concurrency, "max_body": MAX_BODY,

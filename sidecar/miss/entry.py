@@ -1,56 +1,14 @@
-"""Turn an upstream answer (wire records) into a raw cache entry.
-
-Runs once per miss. Records arrive as :class:`Rec` with their rdata already in wire form
-(``caresquery``), so an entry is a join of bytes; dnslib only encodes the rdata of the rare
-types c-ares hands over as decoded objects.
+"""Turn a scrubbed upstream answer into a raw cache entry (once per miss): TTL floor and cap,
+RFC 2308 negative TTLs, owner names compressed to the question.
 """
 
 from __future__ import annotations
 
-import logging
-import socket
-import struct
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from dataclasses import dataclass
 
-from dnslib import CAA, NAPTR, DNSBuffer
-
-from .cache import NEVER, RawEntry, new_entry
-from .wire import NXDOMAIN, RR_FIXED, SERVFAIL, encode_name
-
-log = logging.getLogger(__name__)
-
-# Query types aiodns's query_dns accepts, by number. ANY is left out on purpose: it is an
-# amplification vector and no crawler needs it (RFC 8482).
-FORWARDABLE: dict[int, str] = {
-    1: "A", 28: "AAAA", 5: "CNAME", 15: "MX", 16: "TXT", 2: "NS", 6: "SOA", 33: "SRV",
-    12: "PTR", 257: "CAA", 35: "NAPTR",
-}
-TYPE_NUMBERS = {v: k for k, v in FORWARDABLE.items()}
-
-
-class Rec(NamedTuple):
-    """One resource record of an upstream reply; ``rdata`` is in wire form (names in it
-    uncompressed), ``name`` in presentation form."""
-
-    name: str
-    type: int
-    ttl: int
-    rdata: bytes
-
-
-@dataclass
-class Answer:
-    """An upstream's answer: rcode (NOERROR/NXDOMAIN) and its answer and authority records."""
-
-    rcode: int
-    answer: list[Rec] = field(default_factory=list)
-    authority: list[Rec] = field(default_factory=list)
-
-
-def soa_minimum(soa: Rec) -> int:
-    """The MINIMUM field of an SOA record (the last 32 bits of its rdata)."""
-    return int.from_bytes(soa.rdata[-4:], "big")
+from sidecar.dns.cache import NEVER, RawEntry, new_entry
+from sidecar.dns.wire import NXDOMAIN, RR_FIXED, SERVFAIL, encode_name
+from sidecar.upstream.records import Answer, Rec, soa_minimum
 
 
 @dataclass(frozen=True)
@@ -62,57 +20,6 @@ class TtlPolicy:
     max_negative_ttl: int = 300
     servfail_ttl: int = 5
     prefetch: bool = False
-
-
-def _txt_strings(data: bytes) -> bytes:
-    # pycares's query_dns joins a record's character-strings; re-split at the 255-byte limit.
-    if not data:
-        return b"\x00"
-    return b"".join(bytes((len(c),)) + c for c in (data[i : i + 255]
-                                                    for i in range(0, len(data), 255)))
-
-
-def rdata_from_pycares(rtype: int, data: Any) -> bytes | None:
-    """Wire rdata for a pycares record data object, or None for a type we cannot encode."""
-    if rtype == 1:
-        return socket.inet_pton(socket.AF_INET, data.addr)
-    if rtype == 28:
-        return socket.inet_pton(socket.AF_INET6, data.addr)
-    if rtype == 5:
-        return encode_name(data.cname)
-    if rtype == 2:
-        return encode_name(data.nsdname)
-    if rtype == 12:
-        return encode_name(data.dname)
-    if rtype == 15:
-        return struct.pack(">H", data.priority) + encode_name(data.exchange)
-    if rtype == 16:
-        return _txt_strings(data.data)
-    if rtype == 6:
-        return (encode_name(data.mname) + encode_name(data.rname)
-                + struct.pack(">IIIII", data.serial, data.refresh, data.retry, data.expire,
-                              data.minimum))
-    if rtype == 33:
-        return struct.pack(">HHH", data.priority, data.weight, data.port) + encode_name(
-            data.target)
-    # The rest have at most one name in their rdata, so dnslib's name compression (relative
-    # to this fresh buffer) cannot produce a pointer.
-    if rtype == 257:
-        rd = CAA(data.critical, data.tag, data.value)
-    elif rtype == 35:
-        rd = NAPTR(data.order, data.preference, data.flags.encode(), data.service.encode(),
-                   data.regexp.encode(), data.replacement)
-    else:
-        return None
-    buf = DNSBuffer()
-    rd.pack(buf)
-    return bytes(buf.data)
-
-
-def rec_from_pycares(rec: Any) -> Rec | None:
-    """A :class:`Rec` for a pycares ``DNSRecord`` (the ``query_dns`` fallback path)."""
-    rdata = rdata_from_pycares(rec.type, rec.data)
-    return None if rdata is None else Rec(rec.name, rec.type, rec.ttl, rdata)
 
 
 #: RFC 2181 section 8: a TTL with the top bit set is treated as zero (then floored).
@@ -144,7 +51,7 @@ def build_entry(key: bytes, qtype: int, answer: Answer, soa: Rec | None,
     record of the asked type is cached as NODATA whether or not an SOA could be found.
     Owner names equal to the question are written as a pointer to it (so the client's
     0x20 case shows through); other names are written in full. ``qtext``, the question's
-    name as :func:`~sidecar.wire.qname_text` gives it, spares encoding owner names that are
+    name as :func:`~sidecar.dns.wire.qname_text` gives it, spares encoding owner names that are
     the question.
     """
     qname = key[:-4]

@@ -8,10 +8,10 @@ import random
 import time
 from collections.abc import Iterable
 
-from .config import HostPort
-from .encode import Answer
-from .errors import ResolveFailed, UpstreamError
-from .upstream import Upstream
+from sidecar.config import HostPort
+from sidecar.errors import ResolveFailed, UpstreamError
+from sidecar.upstream.nameserver import Upstream
+from sidecar.upstream.records import Answer
 
 log = logging.getLogger("sidecar.pool")
 

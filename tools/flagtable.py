@@ -1,6 +1,6 @@
 """The README's flag table, generated from the CLI's own parser so that it cannot drift.
 
-``python -m sidecar.flagtable README.md`` rewrites the block between :data:`README_BEGIN`
+``python -m tools.flagtable README.md`` rewrites the block between :data:`README_BEGIN`
 and :data:`README_END` in place; with ``--check`` it changes nothing and exits 1 when the
 block is out of date (for CI), 0 when it is current.
 """
@@ -24,7 +24,7 @@ _DEFAULT_SUFFIX = re.compile(r"\s*\(default:?\s*(?P<text>[^()]*)\)\s*$")
 
 
 def _env_prefix() -> str:
-    from .cli import ENV_PREFIX
+    from sidecar.cli import ENV_PREFIX
 
     return ENV_PREFIX
 
@@ -138,7 +138,7 @@ def flag_rows(parser: argparse.ArgumentParser | None = None,
               prefix: str | None = None) -> list[tuple[str, str, str, str]]:
     """One ``(flag, env, default, meaning)`` tuple per documented flag, unescaped."""
     if parser is None:
-        from .cli import build_parser
+        from sidecar.cli import build_parser
 
         parser = build_parser()
     rows = []
@@ -209,7 +209,7 @@ def update_readme(path: str | Path, parser: argparse.ArgumentParser | None = Non
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m sidecar.flagtable",
+        prog="python -m tools.flagtable",
         description="Regenerate the flag table of README.md from the CLI's parser.")
     ap.add_argument("readme", nargs="?", default="README.md", help="file to update (default README.md)")
     ap.add_argument("--check", action="store_true",

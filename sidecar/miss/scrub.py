@@ -27,8 +27,8 @@ import ipaddress
 from bisect import bisect_right
 from dataclasses import dataclass, field
 
-from .encode import Answer, Rec
-from .wire import NXDOMAIN, WireError, encode_name
+from sidecar.dns.wire import NXDOMAIN, WireError, encode_name
+from sidecar.upstream.records import Answer, Rec
 
 _A, _CNAME, _SOA, _AAAA = 1, 5, 6, 28
 

@@ -1,0 +1,1 @@
+"""Operations: the HTTP API, stats, Prometheus metrics, OpenAPI and kernel UDP drop counters."""

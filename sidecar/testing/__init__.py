@@ -1,0 +1,1 @@
+"""Test servers others import: a fake upstream nameserver with injectable faults."""
