@@ -4,7 +4,7 @@ Per query it does one dict lookup on the question bytes and patches the ID into 
 reply (built once per question with dnslib, off the hot path). No TTL countdown, no EDNS, no
 parsing: whatever a real cache in Python does on a hit is extra work on top of this.
 
-    python bench/bare_responder.py --port 5330 [--asyncio]
+    python -m bench.bare_responder --port 5330 [--asyncio]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Crawler CPU per lookup through the client: aiodns's default channel vs the client's own.
 
-A minimal DNS responder (``bench/miss_micro.py --responder``, pinned to CPU 1) answers every
+A minimal DNS responder (``python -m bench.miss_micro --responder``, pinned to CPU 1) answers every
 A query with 127.0.0.1 and AAAA with NODATA, at once. In this process (pinned to CPU 0), for
 each variant and round: 500 ``resolve(host, 80, AF_UNSPEC)`` at once on never-seen names
 (what a crawler burst does: c-ares sends A and AAAA for each), process CPU per lookup (all
@@ -11,7 +11,7 @@ threads) and wall time, then 200 sequential lookups (median latency). Variants:
 * ``client``: ``client.sidecar_resolver()`` (the channel's sockets are watched by the loop,
   ``sidecar.upstream.cares.LoopResolver``).
 
-    python bench/client_micro.py [--lookups 500] [--rounds 3]
+    python -m bench.client_micro [--lookups 500] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -24,13 +24,11 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from aiohttp.resolver import AsyncResolver
 
-from aiohttp.resolver import AsyncResolver  # noqa: E402
-
-from bench.miss_micro import _wait_ready  # noqa: E402
-from client import sidecar_resolver  # noqa: E402
-from client.resolver import DEFAULT_FLAGS, DEFAULT_RECEIVE_BUFFER, DEFAULT_TRIES  # noqa: E402
+from bench.miss_micro import _wait_ready
+from client import sidecar_resolver
+from client.resolver import DEFAULT_FLAGS, DEFAULT_RECEIVE_BUFFER, DEFAULT_TRIES
 
 VARIANTS = ("aiodns-thread", "client")
 

@@ -6,7 +6,7 @@ counters are written as JSON to `--stats`. Used by the coalescing benchmark (how
 reached the upstream) and by the crawler burst (50 ms per upstream query, like a real recursive
 resolver answering from far away).
 
-    python bench/delay_proxy.py --listen 127.0.0.1:5301 --upstream 127.0.0.1:5300 --delay-ms 50
+    python -m bench.delay_proxy --listen 127.0.0.1:5301 --upstream 127.0.0.1:5300 --delay-ms 50
 """
 
 from __future__ import annotations

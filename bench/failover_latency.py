@@ -4,7 +4,7 @@ Starts two fake upstreams on loopback (the first one silent), a sidecar in front
 and sends cold (unique-name) queries at a fixed rate with dnspython. Reports latency
 percentiles before the silent server is quarantined and after. Bounded in count and time.
 
-    python bench/failover_latency.py [--rate 200] [--seconds 6] [--timeout 0.5] [--tries 2]
+    python -m bench.failover_latency [--rate 200] [--seconds 6] [--timeout 0.5] [--tries 2]
 """
 
 from __future__ import annotations
@@ -12,17 +12,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import dns.asyncquery
+import dns.message
 
-import dns.asyncquery  # noqa: E402
-import dns.message  # noqa: E402
-
-from sidecar import Config, HostPort, Sidecar  # noqa: E402
-from sidecar.testing.fakeupstream import FakeUpstream  # noqa: E402
+from sidecar import Config, HostPort, Sidecar
+from sidecar.testing.fakeupstream import FakeUpstream
 
 
 def pct(values: list[float], q: float) -> float:

@@ -3,23 +3,19 @@
 Starts a fake upstream and an in-process sidecar on loopback, caches one name, then calls the
 handler 7 x 100,000 times per variant (no EDNS / EDNS) and prints the best per-call time.
 
-    python bench/hit_micro.py
+    python -m bench.hit_micro
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import dns.asyncquery
+import dns.message
 
-import dns.message  # noqa: E402
-
-from sidecar import Config, HostPort, Sidecar  # noqa: E402
-from sidecar.testing.fakeupstream import FakeUpstream  # noqa: E402
-from tests.conftest import query  # noqa: E402
+from sidecar import Config, HostPort, Sidecar
+from sidecar.testing.fakeupstream import FakeUpstream
 
 
 async def main(n: int = 100_000, repeat: int = 7) -> None:
@@ -29,7 +25,8 @@ async def main(n: int = 100_000, repeat: int = 7) -> None:
                         upstreams=(HostPort("127.0.0.1", up.port),)))
     await sc.start()
     try:
-        await query(sc.dns_addresses[0].port, "www.example.test")
+        await dns.asyncquery.udp(dns.message.make_query("www.example.test", "A"), "127.0.0.1",
+                                 port=sc.dns_addresses[0].port, timeout=5)
         handle = sc.handler.handle
         for edns in (False, True):
             wire = dns.message.make_query("www.example.test", "A",

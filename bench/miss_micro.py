@@ -9,7 +9,7 @@ never-seen names, half A and half AAAA:
 * burst: ``--burst`` queries sent at once; process CPU per miss (all threads: c-ares' event
   thread, where a channel still has one) and main-thread CPU per miss.
 
-    python bench/miss_micro.py [--burst 1000] [--rounds 3]
+    python -m bench.miss_micro [--burst 1000] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -23,10 +23,8 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from sidecar import Config, HostPort, Sidecar  # noqa: E402
-from sidecar.server import tune_gc  # noqa: E402
+from sidecar import Config, HostPort, Sidecar
+from sidecar.server import tune_gc
 
 _SOA_RDATA = b"\x02ns\x00\x02hm\x00" + struct.pack(">IIIII", 1, 60, 60, 60, 60)
 _SOA_RR = b"\x04test\x00" + struct.pack(">HHIH", 6, 1, 60, len(_SOA_RDATA)) + _SOA_RDATA

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import common
 
-BEGIN = "<!-- BEGIN GENERATED (python bench/run_all.py rewrites this part) -->"
+BEGIN = "<!-- BEGIN GENERATED (python -m bench.run_all rewrites this part) -->"
 END = "<!-- END GENERATED -->"
 
 NAMES = {

@@ -1,8 +1,8 @@
 """Run the whole benchmark suite in one command and regenerate docs/benchmarks.md.
 
     sudo bash bench/setup.sh                 # once: dnsperf/resperf, dnsmasq, unbound, nsd, nginx, matplotlib
-    python bench/run_all.py [--rounds 3] [--out docs]
-    python bench/run_all.py --smoke          # seconds per benchmark, < 2 minutes, no thresholds
+    python -m bench.run_all [--rounds 3] [--out docs]
+    python -m bench.run_all --smoke          # seconds per benchmark, < 2 minutes, no thresholds
 
 Results go to bench/results/*.json (gitignored); with --out the report is rewritten there
 (docs/benchmarks.md, docs/img/*.png). A smoke run writes its report to bench/results/smoke/
@@ -21,11 +21,11 @@ import time
 import traceback
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python bench/run_all.py`
+if __package__ in (None, ""):  # `python -m bench.run_all`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "bench"
 
-from bench import (  # noqa: E402
+from bench import (
     coalescing,
     common,
     crawler_burst,
@@ -54,7 +54,7 @@ def meta(args, argv: list[str]) -> dict:
                 osname = line.split("=", 1)[1].strip().strip('"') + f", kernel {platform.release()}"
     return {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-        "command": "python bench/run_all.py " + " ".join(argv),
+        "command": "python -m bench.run_all " + " ".join(argv),
         "smoke": args.smoke,
         "cpu": common.cpu_model(),
         "cpus": os.cpu_count(),

@@ -1,7 +1,7 @@
 """Soak test: a fixed query rate for a long time; does memory plateau, do fds leak, does p99 drift?
 
     python -m bench.soak [--seconds 600] [--qps 800] [--cache-size 20000] [--interval 5]
-    python bench/soak.py ...            (the same)
+    python -m bench.soak ...            (the same)
 
 Starts a fake upstream process (``python -m sidecar.testing.fakeupstream --port 0``) and a real sidecar
 process (``python -m sidecar ... --cache-size N``), both on loopback, and sends UDP queries at a
@@ -545,6 +545,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if __package__ in (None, ""):
-        sys.path.insert(0, str(REPO))
     sys.exit(main())

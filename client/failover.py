@@ -227,7 +227,7 @@ class FailoverResolver(AbstractResolver):
             from .resolver import sidecar_resolver
 
             resolvers = (sidecar_resolver(), ThreadedResolver())
-            names = names or [resolvers[0].name, "system"]  # type: ignore[attr-defined]
+            names = names or [getattr(resolvers[0], "name", "sidecar"), "system"]
         if names is not None and len(names) != len(resolvers):
             raise ValueError("names must match resolvers one to one")
         self.states = [

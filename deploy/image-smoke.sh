@@ -13,7 +13,9 @@
 # Then, against a fake upstream on loopback: the image runs as uid 10001, answers DNS, /healthz
 # and /readyz, honours DNS_SIDECAR_* settings, its HEALTHCHECK command exits 0 inside the
 # container, it holds no compiler and no pip cache, and SIGTERM exits 0 within lameduck + drain.
-# Prints the image size. Without buildah/mmdebstrap (and no apt-get to install them) it prints
+# Warm restart: the container runs with --cache-file on a volume; after SIGTERM the fake upstream
+# is stopped and the container started again, and the name resolved before is answered from
+# the snapshot (no upstream could answer it), with a TTL that did not grow. Prints the image size. Without buildah/mmdebstrap (and no apt-get to install them) it prints
 # one "skipped" line and exits 0. Every address used is on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -87,20 +89,24 @@ print(*out)
 PY
 )
 read -r up_port dns_port http_port <<<"$ports"
-"$PY" -m sidecar.testing.fakeupstream --port "$up_port" >"$work/upstream.log" 2>&1 & pids+=($!)
+"$PY" -m sidecar.testing.fakeupstream --port "$up_port" >"$work/upstream.log" 2>&1 & upstream=$!
+pids+=("$upstream")
+# The snapshot's volume, writable by the image's user only (as an emptyDir or hostPath is).
+mkdir -m 0700 "$work/cache" && chown 10001:10001 "$work/cache"
+cache_vol=(--volume "$work/cache:/var/cache/dns-sidecar")
 
 ctr=$(bh from --pull-never localhost/dns-sidecar:smoke)
 run_env=(-e DNS_SIDECAR_LISTEN=127.0.0.1:"$dns_port" -e DNS_SIDECAR_HTTP=127.0.0.1:"$http_port"
          -e DNS_SIDECAR_UPSTREAM=127.0.0.1:"$up_port" -e DNS_SIDECAR_MIN_TTL=777
-         -e DNS_SIDECAR_LAMEDUCK=1)
+         -e DNS_SIDECAR_LAMEDUCK=1 -e DNS_SIDECAR_CACHE_FILE=/var/cache/dns-sidecar/cache.snap)
 uid=$(bh run "${run_env[@]}" "$ctr" -- id -u)
 [ "$uid" = 10001 ] || { say "FAIL: runs as uid $uid"; exit 1; }
 if bh run "$ctr" -- sh -c 'command -v gcc || command -v cc || command -v make || ls -d /root/.cache/pip /home/*/.cache/pip' >/dev/null 2>&1; then
   say "FAIL: the image holds a compiler, make or a pip cache"; exit 1
 fi
-bh run "${run_env[@]}" "$ctr" -- dns-sidecar >"$work/sidecar.log" 2>&1 & runner=$!
+bh run "${run_env[@]}" "${cache_vol[@]}" "$ctr" -- dns-sidecar >"$work/sidecar.log" 2>&1 & runner=$!
 
-"$PY" - "$dns_port" "$http_port" <<'PY' || { cat "$work/sidecar.log"; exit 1; }
+"$PY" - "$dns_port" "$http_port" "$work/ttl" <<'PY' || { cat "$work/sidecar.log"; exit 1; }
 import json, socket, sys, time, urllib.request
 from dnslib import DNSRecord
 dns_port, http_port = int(sys.argv[1]), int(sys.argv[2])
@@ -132,6 +138,7 @@ with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
 assert r.header.id == q.header.id and r.header.rcode == 0 and r.rr, r
 ttl = r.rr[0].ttl
 assert ttl >= 770, f"image-smoke: FAIL: DNS_SIDECAR_MIN_TTL=777 not honoured (TTL {ttl})"
+open(sys.argv[3], "w").write(str(ttl))
 stats = json.load(opener.open(f"http://127.0.0.1:{http_port}/stats", timeout=2))
 print(f"image-smoke: DNS answered ({r.rr[0].rdata}, TTL {ttl}), /healthz and /readyz 200,"
       f" {stats['queries']['total']} queries in /stats")
@@ -154,6 +161,50 @@ say "SIGTERM: exit 0 after ${took}s (lameduck 1 s)"
 if bh run "${run_env[@]}" "$ctr" -- "${hc[@]}" >/dev/null 2>&1; then
   say "FAIL: HEALTHCHECK passes with the sidecar stopped"; exit 1
 fi
+
+# Warm restart: the snapshot written at SIGTERM is on the volume; with the upstream gone, the
+# restarted container can answer the name only from it.
+[ -s "$work/cache/cache.snap" ] || { say "FAIL: no snapshot on the volume after SIGTERM"; cat "$work/sidecar.log"; exit 1; }
+snap_owner=$(stat -c %u "$work/cache/cache.snap")
+[ "$snap_owner" = 10001 ] || { say "FAIL: snapshot owned by uid $snap_owner"; exit 1; }
+kill "$upstream"; wait "$upstream" 2>/dev/null || true
+bh run "${run_env[@]}" "${cache_vol[@]}" "$ctr" -- dns-sidecar >"$work/sidecar2.log" 2>&1 & runner=$!
+"$PY" - "$dns_port" "$http_port" "$work/ttl" <<'PY' || { cat "$work/sidecar2.log"; exit 1; }
+import socket, sys, time, urllib.request
+from dnslib import DNSRecord
+dns_port, http_port, before = int(sys.argv[1]), int(sys.argv[2]), int(open(sys.argv[3]).read())
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+deadline = time.monotonic() + 30
+while True:
+    try:
+        assert opener.open(f"http://127.0.0.1:{http_port}/healthz", timeout=1).status == 200
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise SystemExit("image-smoke: FAIL: /healthz never answered after the restart")
+        time.sleep(0.2)
+
+def ask(name):
+    q = DNSRecord.question(name, "A")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(10)
+        s.sendto(q.pack(), ("127.0.0.1", dns_port))
+        return DNSRecord.parse(s.recv(4096))
+
+r = ask("www.example.test")
+assert r.header.rcode == 0 and r.rr, f"image-smoke: FAIL: not answered from the snapshot: {r}"
+assert r.rr[0].ttl <= before, f"image-smoke: FAIL: TTL grew from {before} to {r.rr[0].ttl}"
+# A name never asked before fails: nothing upstream could have answered the first one.
+assert ask("mail.example.test").header.rcode != 0, "image-smoke: FAIL: the upstream still answers"
+print(f"image-smoke: after a restart with the upstream gone, answered from the snapshot"
+      f" (TTL {before} -> {r.rr[0].ttl}); a new name fails as it should")
+PY
+grep -q "entries loaded" "$work/sidecar2.log" || { say "FAIL: no snapshot load logged"; cat "$work/sidecar2.log"; exit 1; }
+pid=$(pgrep -n -f "python[0-9.]* /usr/local/bin/dns-sidecar")
+kill -TERM "$pid"
+rc=0; wait "$runner" || rc=$?
+[ "$rc" = 0 ] || { say "FAIL: SIGTERM after the restart: exit code $rc"; cat "$work/sidecar2.log"; exit 1; }
+say "warm restart: the cache survived the container's restart on its volume"
 
 size=$(bh images --format '{{.Size}}' localhost/dns-sidecar:smoke)
 base=$(bh images --format '{{.Size}}' localhost/python:3.11-slim-bookworm)

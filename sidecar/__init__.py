@@ -29,7 +29,7 @@ _LAZY = {
     "StartupError": ".errors",
     "UpstreamError": ".errors",
     "WireError": ".errors",
-    "Sidecar": ".server",
+    "Sidecar": ".app",
 }
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from sidecar.app import Sidecar
     from sidecar.config import Config, HostPort, parse_hostport
     from sidecar.dns.cache import Cache, Entry
     from sidecar.errors import (
@@ -59,7 +60,6 @@ if TYPE_CHECKING:  # pragma: no cover
         UpstreamError,
         WireError,
     )
-    from sidecar.server import Sidecar
 
 
 def __getattr__(name: str) -> Any:

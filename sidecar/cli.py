@@ -62,6 +62,12 @@ def _nonneg_int(text: str) -> int:
     return value
 
 
+def _path(text: str) -> str:
+    if not text.strip():
+        raise ValueError(text)
+    return text
+
+
 def _listen(text: str) -> HostPort:
     return parse_hostport(text, None)
 
@@ -148,6 +154,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="required as 'Authorization: Bearer TOKEN' on mutating API calls")
     add("--lameduck", metavar="SECONDS", type=_typed("a number >= 0", _positive_float), default=0.0,
         help="on SIGTERM report not-ready and keep answering this long before draining (default 0)")
+    add("--cache-file", metavar="PATH", type=_typed("a file path", _path), default=None,
+        help="cache snapshot: loaded at start before ready, written on SIGTERM, after the "
+        "drain and every --cache-save-interval seconds (default: none, start cold)")
+    add("--cache-save-interval", metavar="SECONDS", type=_typed("a number >= 0", _positive_float),
+        default="300",
+        help="seconds between snapshot saves with --cache-file; 0 saves only at shutdown "
+        "(default 300)")
+    add("--reuse-port", action="store_true", default=False,
+        help="bind the DNS listeners with SO_REUSEPORT beside a running sidecar and take its "
+        "new traffic over (replacement without a lost query)")
+    add("--shared-cache", metavar="URL", default=None,
+        help="redis://, rediss://, redis+cluster:// or rediss+cluster:// URL of a Valkey/Redis "
+        "server shared by a fleet of sidecars as a second-level cache (default: none)")
+    add("--shared-cache-prefix", metavar="PREFIX", default="dns-sidecar:v1:",
+        help="key prefix in the shared cache, one per fleet (default dns-sidecar:v1:)")
+    add("--shared-cache-timeout", metavar="MS", type=_typed("a number > 0", _positive_float),
+        default="30", help="deadline of one shared-cache lookup in milliseconds (default 30)")
     add("--log-level", metavar="LEVEL", type=_typed("debug, info, warning or error", _log_level), default="info",
         help="debug, info, warning or error (default info)")
     add("--log-format", choices=("text", "json"), default="text",
@@ -227,6 +250,12 @@ def parse_config(argv: Sequence[str] | None = None,
         tcp_idle_timeout=ns.tcp_idle_timeout,
         api_token=ns.api_token,
         lameduck=ns.lameduck,
+        cache_file=ns.cache_file,
+        cache_save_interval=ns.cache_save_interval,
+        reuse_port=ns.reuse_port,
+        shared_cache=ns.shared_cache,
+        shared_cache_prefix=ns.shared_cache_prefix,
+        shared_cache_timeout=ns.shared_cache_timeout / 1000.0,
         log_level=ns.log_level,
         log_format=ns.log_format,
     )
@@ -246,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StartupError as exc:
         print(f"{PROG}: cannot start: {exc}", file=sys.stderr)
         return 1
-    from sidecar.server import run
+    from sidecar.app import run
 
     try:
         return run(cfg)

@@ -136,6 +136,10 @@ def read_resolv_conf(path: str = "/etc/resolv.conf") -> tuple[HostPort, ...]:
 LOOPBACK_NETS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
+#: URL schemes of ``--shared-cache`` (redis-py's, plus ``+cluster`` for a Redis Cluster).
+SHARED_CACHE_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster")
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything the sidecar needs to run. Times are in seconds."""
@@ -159,6 +163,12 @@ class Config:
     rate_burst: float = 0.0
     api_token: str | None = None
     lameduck: float = 0.0
+    cache_file: str | None = None  # the cache snapshot (docs/snapshot.md); None: no warm start
+    cache_save_interval: float = 300.0  # 0: only at shutdown
+    reuse_port: bool = False  # bind beside another sidecar and take its traffic over
+    shared_cache: str | None = None  # Valkey/Redis URL of the fleet's cache (docs/fleet.md)
+    shared_cache_prefix: str = "dns-sidecar:v1:"
+    shared_cache_timeout: float = 0.03  # deadline of one shared-cache lookup
     max_inflight: int = 1024
     tcp_max_connections: int = 256
     tcp_idle_timeout: float = 10.0
@@ -198,6 +208,19 @@ class Config:
             raise ConfigError("--rate-limit: must be >= 0")
         if self.lameduck < 0:
             raise ConfigError("--lameduck: must be >= 0")
+        if self.cache_file is not None and not self.cache_file.strip():
+            raise ConfigError("--cache-file: empty path")
+        if not 0 <= self.cache_save_interval < float("inf"):  # also refuses NaN
+            raise ConfigError("--cache-save-interval: must be a finite number >= 0")
+        if self.shared_cache is not None:
+            scheme = self.shared_cache.partition("://")[0].lower()
+            if "://" not in self.shared_cache or scheme not in SHARED_CACHE_SCHEMES:
+                raise ConfigError("--shared-cache: expected a redis://, rediss://,"
+                                  " redis+cluster:// or rediss+cluster:// URL")
+        if not self.shared_cache_prefix:
+            raise ConfigError("--shared-cache-prefix: must not be empty")
+        if not 0 < self.shared_cache_timeout <= 10:  # also refuses NaN
+            raise ConfigError("--shared-cache-timeout: must be between 1 and 10000 ms")
         if self.cache_memory < 1:
             raise ConfigError("--cache-memory: must be >= 1")
         if not 512 <= self.max_udp_size <= 65535:

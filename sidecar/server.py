@@ -1,18 +1,16 @@
-"""The sidecar process: wires listeners -> handler -> cache -> resolver -> pools, runs them.
+"""The DNS side assembled: listeners -> handler -> cache -> miss path -> pools.
 
-``Sidecar`` is the in-process object tests and embedders use; ``run`` is the process main
-with signal handling, lame duck and drain.
+:class:`DnsServer` knows nothing of HTTP: the process (:mod:`sidecar.app`) builds it, then
+the API over it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
-import os
-import signal
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING, Self
 
 from sidecar.config import Config, HostPort, read_resolv_conf
 from sidecar.dns.acl import Acl
@@ -23,9 +21,14 @@ from sidecar.dns.ratelimit import RateLimiter
 from sidecar.errors import StartupError
 from sidecar.miss.entry import TtlPolicy
 from sidecar.miss.fetch import Resolver
+from sidecar.miss.prewarm import Prewarmer
 from sidecar.miss.scrub import ScrubPolicy
+from sidecar.persist.store import SnapshotStore
 from sidecar.upstream import cares
 from sidecar.upstream.pool import PoolSet
+
+if TYPE_CHECKING:
+    from sidecar.fleet.client import SharedCache
 
 log = logging.getLogger("sidecar")
 
@@ -33,9 +36,9 @@ log = logging.getLogger("sidecar")
 DRAIN_SECONDS = 5.0
 
 
-class Sidecar:
-    """A running DNS cache. ``await start()``, then ``dns_addresses`` / ``http_address``
-    tell where it listens; ``await stop()`` drains and closes."""
+class DnsServer:
+    """A running DNS cache without its API. ``await start()``, then ``dns_addresses`` tells
+    where it listens; ``await stop()`` drains and closes."""
 
     def __init__(self, config: Config) -> None:
         config.validate()
@@ -56,22 +59,36 @@ class Sidecar:
         self.ratelimit = (RateLimiter(config.rate_limit, config.rate_burst or None,
                                       v6_prefix=config.rate_limit_v6_prefix)
                           if config.rate_limit > 0 else None)
+        self.prewarm = Prewarmer(self.cache, self.resolver, max_inflight=config.max_inflight,
+                                 no_aaaa=config.no_aaaa)
         self.handler = QueryHandler(self.cache, self.resolver, acl=self.acl,
                                     no_aaaa=config.no_aaaa, ratelimit=self.ratelimit,
                                     max_udp_size=config.max_udp_size)
+        #: The cache snapshot (``--cache-file``); the process loads and saves it (app.py).
+        self.snapshot: SnapshotStore | None = (
+            SnapshotStore(config.cache_file, config.cache_save_interval, self.cache,
+                          serve_stale=config.serve_stale)
+            if config.cache_file else None)
+        #: The fleet's shared second-level cache (``--shared-cache``), imported only when
+        #: configured (it needs the ``shared`` extra: redis-py).
+        self.shared: SharedCache | None = None
+        if config.shared_cache:
+            from sidecar.fleet import client as fleet
+
+            self.shared = fleet.SharedCache(config.shared_cache, config.shared_cache_prefix,
+                                      config.shared_cache_timeout, clock=self.cache.clock)
+            self.resolver.second = self.shared
         self.udp: list[UdpListener] = []
         self.tcp: list[TcpListener] = []
         self.dns_addresses: list[HostPort] = []
-        self.http_address: HostPort | None = None
         self.udp_rcvbuf = 0
         self.serving = False
         self.lameduck = False
-        self._api = None
-        self._stopped = asyncio.Event()
         self.reloads = 0
 
     async def start(self) -> None:
-        """Bind every listener and the API; raise :class:`StartupError` when one cannot."""
+        """Bind every listener and start the pools; raise :class:`StartupError` when a
+        listener cannot be bound."""
         if not self.config.upstreams:
             raise StartupError("no upstream known; use --upstream")
         own = {(a.host, a.port) for a in self.config.listen}
@@ -81,31 +98,22 @@ class Sidecar:
         self.udp, self.tcp, self.dns_addresses, self.udp_rcvbuf = await open_listeners(
             self.config.listen, self.handler.handle, rcvbuf=self.config.udp_rcvbuf,
             tcp_max_connections=self.config.tcp_max_connections,
-            tcp_idle_timeout=self.config.tcp_idle_timeout)
+            tcp_idle_timeout=self.config.tcp_idle_timeout, reuse_port=self.config.reuse_port)
         self.pools.start()
-        if self.config.http is not None:
-            from sidecar.ops.api import ApiServer
-
-            self._api = ApiServer(self)
-            try:
-                self.http_address = await self._api.start(self.config.http)
-            except BaseException:
-                await self.stop(drain=0)
-                raise
+        if self.shared is not None:
+            await self.shared.start()  # never raises: DNS works without it
         self.started_at = time.monotonic()
         self.serving = True
         self._warn_exposure()
-        log.info(
-            "dns-sidecar listening on %s (udp+tcp), http %s; upstreams %s%s; udp rcvbuf %d bytes;"
-            " c-ares query cache %s",
-            ", ".join(map(str, self.dns_addresses)),
-            self.http_address or "off",
-            ",".join(u.address for u in self.pools.default.upstreams),
-            "".join(f"; zone {z}: " + ",".join(u.address for u in p.upstreams)
-                    for z, p in self.pools.zones.items()),
-            self.udp_rcvbuf,
-            "on (could not disable)" if cares.qcache_disabled is False else "off",
-        )
+
+    def describe(self) -> str:
+        """Where it listens and whom it asks, for the start-up log line."""
+        zones = "".join(f"; zone {z}: " + ",".join(u.address for u in p.upstreams)
+                        for z, p in self.pools.zones.items())
+        qcache = "on (could not disable)" if cares.qcache_disabled is False else "off"
+        return (f"listening on {', '.join(map(str, self.dns_addresses))} (udp+tcp); upstreams "
+                f"{','.join(u.address for u in self.pools.default.upstreams)}{zones}; udp "
+                f"rcvbuf {self.udp_rcvbuf} bytes; c-ares query cache {qcache}")
 
     def _warn_exposure(self) -> None:
         public = [a for a in self.dns_addresses if not _is_loopback(a.host)]
@@ -145,16 +153,23 @@ class Sidecar:
 
     async def stop(self, drain: float = DRAIN_SECONDS) -> None:
         """Stop taking queries, answer what is in flight (up to ``drain`` s), close all."""
+        await self.drain(drain)
+        await self.close()
+
+    async def drain(self, drain: float = DRAIN_SECONDS) -> None:
+        """Stop taking queries and answer what is in flight (up to ``drain`` s)."""
         self.serving = False
         await close_listeners(self.udp, self.tcp, drain)
-        if self._api is not None:
-            await self._api.stop()
-            self._api = None
-        await self.resolver.close()
-        await self.pools.close()
-        self._stopped.set()
 
-    async def __aenter__(self) -> Sidecar:
+    async def close(self) -> None:
+        """Close the miss path, the shared cache and the upstream channels (after
+        :meth:`drain`)."""
+        await self.resolver.close()
+        if self.shared is not None:
+            await self.shared.close()
+        await self.pools.close()
+
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -185,57 +200,3 @@ def tune_gc() -> None:
     """
     gc.freeze()
     gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
-
-
-async def serve(config: Config) -> int:
-    """Run until SIGTERM/SIGINT; lame duck first when configured. Returns the exit code."""
-    sidecar = Sidecar(config)
-    await sidecar.start()
-    tune_gc()
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    got: list[int] = []
-
-    def on_signal(signum: int) -> None:
-        if got:
-            log.warning("second signal: stopping now")
-            os._exit(0)
-        got.append(signum)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
-    reloads: set[asyncio.Task] = set()
-
-    def on_hup() -> None:
-        task = loop.create_task(sidecar.reload())
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
-    await stop.wait()
-    name = signal.Signals(got[0]).name
-    if config.lameduck > 0:
-        sidecar.lameduck = True
-        log.info("%s: lame duck for %.1fs (not ready, still answering)", name, config.lameduck)
-        await asyncio.sleep(config.lameduck)
-    log.info("%s: draining and stopping", name)
-    await sidecar.stop()
-    log.info("stopped")
-    return 0
-
-
-def run(config: Config) -> int:
-    """Process entry: logging, event loop (uvloop when installed), serve."""
-    from sidecar.log import setup_logging
-
-    setup_logging(config.log_level, config.log_format)
-    use_uvloop = os.environ.get("DNS_SIDECAR_NO_UVLOOP", "") in ("", "0")
-    if use_uvloop:
-        try:
-            import uvloop
-        except ImportError:
-            use_uvloop = False
-    if use_uvloop:
-        return uvloop.run(serve(config))
-    return asyncio.run(serve(config))

@@ -180,3 +180,106 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
     """An aiohttp client session for the HTTP API tests (test_api, test_api_guards)."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
         yield session
+
+
+# ------------------------------------------------------------------ real sidecar processes
+# For tests/test_snapshot_process.py and tests/test_process_handover.py: a ``python -m
+# sidecar`` process whose stderr a thread reads into a list (the process never blocks on a
+# full pipe, and a wait sees every line, also those that arrived together).
+
+
+class SidecarProcess:
+    """A real sidecar process; ``lines`` is its stderr so far."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        import os
+        import subprocess
+        import sys
+        import threading
+
+        self.args = args
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.p = subprocess.Popen([sys.executable, "-m", "sidecar", *args],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True, env=full_env)
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.p.stderr is not None
+        for line in self.p.stderr:
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def index(self, needle: str, start: int = 0) -> int | None:
+        """Where the first line from ``start`` on containing ``needle`` is, or None."""
+        with self._cond:
+            return next((i for i in range(start, len(self.lines)) if needle in self.lines[i]),
+                        None)
+
+    def wait_for(self, needle: str, timeout: float = 15.0, start: int = 0) -> int:
+        """Wait for a line containing ``needle`` (from line ``start`` on); its index."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = self.index(needle, start)
+                if found is not None:
+                    return found
+                left = end - time.monotonic()
+                if left <= 0 or (self.p.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(f"{needle!r} not logged by {self.args!r}; "
+                                         f"got {self.lines!r}")
+                self._cond.wait(min(left, 0.5))
+
+    def matching(self, needle: str) -> list[str]:
+        with self._cond:
+            return [line for line in self.lines if needle in line]
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        """SIGTERM, then the exit code."""
+        import signal
+
+        self.p.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 20.0) -> int:
+        rc = self.p.wait(timeout=timeout)
+        self._reader.join(5)
+        return rc
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+        self._reader.join(5)
+
+
+@pytest.fixture
+def sidecar_process():
+    """Start real sidecar processes (``sidecar_process(*args, env=...)``); killed at the end."""
+    started: list[SidecarProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> SidecarProcess:
+        proc = SidecarProcess(list(args), env)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+
+
+@pytest.fixture
+def process_upstream():
+    """A fake upstream in its own thread, for tests that talk to it from plain threads and
+    real processes (its counters are read from the test's thread)."""
+    up = FakeUpstream()
+    up.start_in_thread()
+    yield up
+    up.stop_in_thread()

@@ -73,9 +73,11 @@ async def test_reload_swaps_upstreams_and_keeps_cache(make_sidecar, upstream):
 @pytest.mark.parametrize("rate", [1.0])
 def test_rate_limiter_refills(rate):
     from sidecar.dns.ratelimit import RateLimiter
+    from sidecar.testing.clock import OffsetClock
 
-    rl = RateLimiter(rate, burst=2)
+    clock = OffsetClock()
+    rl = RateLimiter(rate, burst=2, clock=clock)
     assert rl.allow("a") and rl.allow("a") and not rl.allow("a")
-    rl.buckets["a"][1] -= 1.0  # one second later
+    clock.advance(1.0)  # one second later
     assert rl.allow("a") and not rl.allow("a")
     assert rl.allow("b")

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -27,17 +28,9 @@ from openapi_schema_validator import OAS31Validator
 import sidecar.ops.api as api_mod
 from sidecar import HostPort, Sidecar, StartupError
 from sidecar.dns.wire import make_key
-from sidecar.ops.api import (
-    ApiServer,
-    cache_key,
-    decode_entry,
-    entry_records,
-    exposure_warning,
-    final_records,
-    parse_name,
-    parse_type,
-)
+from sidecar.ops.api import ApiServer, cache_key, exposure_warning, parse_name, parse_type
 from sidecar.ops.openapi import openapi_document
+from sidecar.ops.present import decode_entry, entry_records, final_records
 from sidecar.testing.fakeupstream import FakeUpstream
 from tests.helpers import call, dns_query, make_config, running, url
 
@@ -377,7 +370,7 @@ async def test_prewarm_concurrency_is_bounded(up: FakeUpstream,
     two calls running together."""
     up.latency = 0.05
     async with running(up, max_inflight=8, timeout=2.0) as sc:
-        assert sc._api.prewarm_concurrency == 2
+        assert sc.prewarm.concurrency == 2
         resolver = sc.resolver
         real = resolver.resolve
         now = peak = 0
@@ -641,11 +634,11 @@ async def test_openapi_document_matches_the_routes(sc: Sidecar,
     assert documented == routes
 
 
-async def test_openapi_validates_real_responses(up: FakeUpstream,
-                                                http: aiohttp.ClientSession) -> None:
+async def test_openapi_validates_real_responses(up: FakeUpstream, http: aiohttp.ClientSession,
+                                                tmp_path: Path) -> None:
     """Produce every documented response for real and validate its body against the
     document; also check that no documented response went unproduced."""
-    async with running(up, api_token=TOKEN) as sc:
+    async with running(up, api_token=TOKEN, cache_file=str(tmp_path / "cache.snap")) as sc:
         _, doc, _ = await call(http, "GET", url(sc, "/openapi.json"))
         seen: set[tuple[str, str, str]] = set()
 
@@ -678,9 +671,12 @@ async def test_openapi_validates_real_responses(up: FakeUpstream,
                     data=b" " * (api_mod.MAX_BODY + 1))
         await check("POST", "/prewarm", 415, headers=AUTH, data="{}")  # text/plain
         await check("DELETE", "/cache", 415, headers=AUTH, data="{}")
+        await check("POST", "/snapshot", 200, headers=AUTH, json={})
+        await check("POST", "/snapshot", 401, json={})
+        await check("POST", "/snapshot", 415, headers=AUTH, data="{}")
         await check("DELETE", "/cache", 400, headers=AUTH, json={"name": "www.example.test"})
         # 429: a slow first call holds the (shrunk) backlog while a second one arrives.
-        sc._api.backlog = 1
+        sc.prewarm.backlog = 1
         up.name_latency["slow.example.test"] = 0.3
         first = asyncio.ensure_future(call(http, "POST", url(sc, "/prewarm"), headers=AUTH,
                                            json={"names": ["slow.example.test"],
@@ -689,7 +685,7 @@ async def test_openapi_validates_real_responses(up: FakeUpstream,
         body = await check("POST", "/prewarm", 429, headers=AUTH,
                            json={"names": ["www.example.test"], "types": ["A"]})
         assert (await first)[0] == 200
-        sc._api.backlog = api_mod.PREWARM_BACKLOG
+        sc.prewarm.backlog = api_mod.PREWARM_BACKLOG
         await check("DELETE", "/cache?name=www.example.test", 200, headers=AUTH)
         await check("DELETE", "/cache?name=www.example.test&type=AAAA", 200, headers=AUTH)
         await check("DELETE", "/cache?name=..", 400, headers=AUTH)
@@ -719,12 +715,24 @@ async def test_openapi_validates_real_responses(up: FakeUpstream,
     # 421 exists only without --api-token (with one, the token is the guard).
     async with running(up) as open_sc:
         for method, path, kw in (("POST", "/prewarm", {"json": {"names": []}}),
-                                 ("DELETE", "/cache", {})):
+                                 ("DELETE", "/cache", {}),
+                                 ("POST", "/snapshot", {"json": {}})):
             status, body, _ = await call(http, method, url(open_sc, path),
                                          headers={"Host": "evil.example:8053"}, **kw)
             assert status == 421, body
             _validate(doc, _schema_for(doc, path, method, 421, "application/json"), body)
             seen.add((path, method.lower(), "421"))
+        # 404 without --cache-file.
+        status, body, _ = await call(http, "POST", url(open_sc, "/snapshot"), json={})
+        assert status == 404, body
+        _validate(doc, _schema_for(doc, "/snapshot", "POST", 404, "application/json"), body)
+        seen.add(("/snapshot", "post", "404"))
+    # 503 when the save fails: the folder is not there.
+    async with running(up, cache_file=str(tmp_path / "missing" / "cache.snap")) as bad_sc:
+        status, body, _ = await call(http, "POST", url(bad_sc, "/snapshot"), json={})
+        assert status == 503, body
+        _validate(doc, _schema_for(doc, "/snapshot", "POST", 503, "application/json"), body)
+        seen.add(("/snapshot", "post", "503"))
 
     documented = {(path, method, status) for path, ops in doc["paths"].items()
                   for method, op in ops.items() for status in op["responses"]}

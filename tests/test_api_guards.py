@@ -305,7 +305,7 @@ async def test_backlog_over_calls_in_progress(up: FakeUpstream,
     is admitted."""
     up.name_latency.update({"h1.example.test": 0.5, "h2.example.test": 0.5})
     async with running(up, timeout=2.0) as sc:
-        sc._api.backlog = 4
+        sc.prewarm.backlog = 4
         first = asyncio.ensure_future(call(http, "POST", url(sc, "/prewarm"), json={
             "names": ["h1.example.test", "h2.example.test"], "types": ["A", "AAAA"]}))
         await up.wait_for_queries(4)
@@ -335,10 +335,10 @@ async def test_resolving_at_once_is_bounded_over_all_calls(
     """Lookups waiting on the resolver stay within PREWARM_CONCURRENCY over every call in
     progress (not per call), so pre-warm leaves the rest of --max-inflight to live misses."""
     async with running(up, timeout=2.0) as sc:
-        api = sc._api
-        assert api.prewarm_concurrency == api_mod.PREWARM_CONCURRENCY == 256
-        api.prewarm_concurrency = 3
-        api._prewarm_slots = asyncio.Semaphore(3)
+        api = sc.prewarm
+        assert api.concurrency == api_mod.PREWARM_CONCURRENCY == 256
+        api.concurrency = 3
+        api.slots = asyncio.Semaphore(3)
         real = sc.resolver.resolve
         now = peak = 0
         gate = asyncio.Event()
@@ -372,7 +372,7 @@ async def test_results_are_bounded_in_bytes(up: FakeUpstream, sc: Sidecar,
     await dns_query(sc, "many.example.test")  # 40 A records
     small = result_size({"name": "www.example.test", "type": "A", "rcode": "NOERROR",
                          "ttl": 300, "records": ["10.0.0.1", "10.0.0.2"]})
-    sc._api.response_budget = small + 100
+    sc.prewarm.response_budget = small + 100
     async with http.post(url(sc, "/prewarm"), json={
             "names": ["many.example.test", "www.example.test"], "types": ["A"]}) as resp:
         assert resp.status == 200
@@ -380,7 +380,7 @@ async def test_results_are_bounded_in_bytes(up: FakeUpstream, sc: Sidecar,
     body = json.loads(raw)
     assert body["omitted"] == 1
     assert [r["name"] for r in body["results"]] == ["www.example.test"]
-    assert len(raw) <= sc._api.response_budget + 64  # 64: elapsed_ms, omitted and brackets
+    assert len(raw) <= sc.prewarm.response_budget + 64  # 64: elapsed_ms, omitted and brackets
 
     table, result = PrewarmTable(), PrewarmResult()
     table.load(body, ["A"], result)
@@ -389,7 +389,7 @@ async def test_results_are_bounded_in_bytes(up: FakeUpstream, sc: Sidecar,
 
     got = await stats(http, sc)
     assert got["prewarm"]["omitted"] == 1
-    assert sc._api.prewarm_bytes == 0  # released with the response
+    assert sc.prewarm.held == 0  # released with the response
 
 
 async def test_response_budget_is_shared_by_calls_in_progress(
@@ -399,7 +399,7 @@ async def test_response_budget_is_shared_by_calls_in_progress(
         await dns_query(sc, "www.example.test")
         www = {"name": "www.example.test", "type": "A", "rcode": "NOERROR", "ttl": 300,
                "records": ["10.0.0.1", "10.0.0.2"]}
-        sc._api.response_budget = result_size(www) + 10
+        sc.prewarm.response_budget = result_size(www) + 10
         # The first call takes the budget with www (a cache hit) and stays in progress.
         first = asyncio.ensure_future(call(http, "POST", url(sc, "/prewarm"), json={
             "names": ["www.example.test", "h1.example.test"], "types": ["A"]}))

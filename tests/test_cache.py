@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import random
+import time
 import tracemalloc
 
+import pytest
+
 from sidecar.dns import cache as cache_mod
-from sidecar.dns.cache import Cache, entry_size, new_entry
+from sidecar.dns.cache import STORED, Cache, entry_size, new_entry
+from sidecar.testing.clock import OffsetClock
 
 
 def _entry() -> tuple:
@@ -58,7 +62,8 @@ def _accounted(c: Cache) -> int:
 
 def test_bytes_follow_every_change() -> None:
     # Both bounds are reached in turn: 3,000 keys of ~900 bytes exceed the 1.5 MB.
-    c = Cache(2_000, memory_limit=1_500_000)
+    clock = OffsetClock()
+    c = Cache(2_000, memory_limit=1_500_000, clock=clock)
     rng = random.Random(7)
     for i in range(20_000):
         k = b"\x05n%04d\x00\x00\x01\x00\x01" % rng.randrange(3_000 if i < 10_000 else 2_500)
@@ -75,7 +80,9 @@ def test_bytes_follow_every_change() -> None:
         elif op == 8 and i % 5_000 == 0:
             c.clear()
         elif k in c.entries:
-            c.backdate(k, 1.0)
+            clock.advance(1.0)  # a second later, a hit re-renders the entry at its new age
+            e = c.entries[k]
+            c.rendered_body(k, e, int(clock() - e[STORED]))
             c.no_prefetch(k, c.entries[k])
         assert c.bytes <= c.memory_limit and len(c.entries) <= c.capacity
         if i % 100 == 0:
@@ -131,3 +138,18 @@ def test_interning_table_is_bounded_in_bytes() -> None:
     assert est == cache_mod._interned_bytes
     huge = tuple(range(10_000))
     assert cache_mod._intern(huge) is huge and huge not in cache_mod._interned
+
+
+def test_the_cache_clock_is_injected_and_an_offset_clock_only_moves_forward() -> None:
+    assert Cache(1).clock is time.monotonic
+    clock = OffsetClock()
+    c = Cache(1, clock=clock)
+    assert c.clock is clock
+    before = clock()
+    clock.advance(30.0)
+    assert clock() - before >= 30.0 and clock.offset == 30.0
+    with pytest.raises(ValueError):
+        clock.advance(-1.0)
+    e = cache_mod.Entry._make(new_entry(0, 0, 0, 0, b"", (), before, 60.0))
+    assert e.ttl_at(before) == 60 and e.remaining(before + 70.0) == -10.0
+    assert e.ttl_at(before + 70.0) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import struct
 
 import dns.asyncquery
@@ -12,7 +13,24 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from tests.conftest import expire_all, query
+from sidecar.dns.cache import Cache
+from sidecar.testing.clock import OffsetClock
+from tests.conftest import query
+
+
+@pytest.fixture
+def clock(monkeypatch) -> OffsetClock:
+    """The clock of every sidecar the test then makes (its cache's, which the DNS and the
+    miss path read): ``clock.advance(s)`` ages the cache by ``s`` seconds at once."""
+    clock = OffsetClock()
+    monkeypatch.setattr("sidecar.server.Cache", functools.partial(Cache, clock=clock))
+    return clock
+
+
+def expire_all(cache: Cache, clock: OffsetClock) -> None:
+    """Move ``clock`` until every entry of ``cache`` expired 1 s ago (or more)."""
+    now = clock()
+    clock.advance(max(0.0, max(e.expires for _k, e in cache.items()) - now) + 1.0)
 
 
 def rrset_texts(msg: dns.message.Message, rdtype: str) -> list[str]:
@@ -66,24 +84,25 @@ async def test_ttl_floor_and_cap(make_sidecar):
     assert www.answer[0].ttl == 100
 
 
-async def test_ttl_counts_down_and_second_query_is_a_hit(sidecar):
+async def test_ttl_counts_down_and_second_query_is_a_hit(clock, make_sidecar):
+    sidecar = await make_sidecar()
     up = sidecar.upstream
     first = await sidecar.query("www.example.test")
     assert first.answer[0].ttl == 300
-    # Age the entry by 7 s instead of waiting 7 s.
-    (key,) = [k for k in sidecar.cache.entries if b"www" in k]
-    sidecar.cache.backdate(key, 7)
+    # Age the cache by 7 s instead of waiting 7 s (www is the only name asked).
+    clock.advance(7)
     second = await sidecar.query("www.example.test")
     assert second.answer[0].ttl == 293
     assert up.count("www.example.test", "A") == 1
     assert sidecar.cache.hits >= 1
 
 
-async def test_expired_entry_is_refetched_from_upstream(sidecar):
+async def test_expired_entry_is_refetched_from_upstream(clock, make_sidecar):
     """The c-ares query cache must not answer a refresh: the upstream sees both queries."""
+    sidecar = await make_sidecar()
     up = sidecar.upstream
     await sidecar.query("www.example.test")
-    expire_all(sidecar.cache)
+    expire_all(sidecar.cache, clock)
     await sidecar.query("www.example.test")
     assert up.count("www.example.test", "A") == 2
 
@@ -301,7 +320,7 @@ async def test_upstream_rcode_preserved(sidecar):
     assert r.rcode() == dns.rcode.NXDOMAIN
 
 
-async def test_servfail_remembered_only_briefly(make_sidecar):
+async def test_servfail_remembered_only_briefly(clock, make_sidecar):
     sc = await make_sidecar(timeout=0.2, tries=1, servfail_ttl=5)
     sc.upstream.name_rcode = {"mail.example.test": "SERVFAIL"}
     await sc.query("mail.example.test")
@@ -311,7 +330,7 @@ async def test_servfail_remembered_only_briefly(make_sidecar):
     # stored and expires are monotonic-clock floats: compare the difference approximately.
     assert entry.expires - entry.stored == pytest.approx(5)
     sc.upstream.name_rcode = {}
-    expire_all(sc.cache)
+    expire_all(sc.cache, clock)
     r = await sc.query("mail.example.test")
     assert r.rcode() == dns.rcode.NOERROR
 

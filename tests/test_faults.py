@@ -24,6 +24,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
+from sidecar.testing.upstreams import wait_for_state
 from tests.helpers import hp, upstream_obj
 
 WAIT = 15.0  # bound on a state change the prober makes (probe back-off starts at 1 s)
@@ -82,7 +83,7 @@ async def test_blackholed_upstream_servfail_quarantine_and_recovery(make_sidecar
     r = await sc.query("www.example.test", timeout=2.0)
     assert r.rcode() == dns.rcode.SERVFAIL
     assert u.outcomes["timeout"] >= 1
-    await asyncio.wait_for(u.wait_for_state("quarantined"), WAIT)  # the prober's failures
+    await asyncio.wait_for(wait_for_state(u, "quarantined"), WAIT)  # the prober's failures
     assert not sc.sc.ready and not await readiness(sc)
     if sc.http_url:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
@@ -90,7 +91,7 @@ async def test_blackholed_upstream_servfail_quarantine_and_recovery(make_sidecar
                 body = await resp.json()
         assert resp.status == 503 and upstream.address in body["reasons"]["."]
     upstream.drop = False
-    await asyncio.wait_for(u.wait_for_state("healthy"), WAIT)
+    await asyncio.wait_for(wait_for_state(u, "healthy"), WAIT)
     assert sc.sc.ready and await readiness(sc)
     r = await sc.query("mail.example.test", timeout=2.0)
     assert r.rcode() == dns.rcode.NOERROR and a_records(r) == ["10.0.0.25"]
@@ -236,14 +237,14 @@ async def test_upstream_restart_quarantine_and_recovery(make_sidecar, upstream):
     await upstream.stop()
     r = await sc.query("www.example.test", timeout=2.0)
     assert r.rcode() == dns.rcode.SERVFAIL
-    await asyncio.wait_for(u.wait_for_state("quarantined"), WAIT)
+    await asyncio.wait_for(wait_for_state(u, "quarantined"), WAIT)
     assert u.outcomes["unreachable"] + u.outcomes["timeout"] >= 1
     assert not await readiness(sc)
     r = await sc.query("mail.example.test", tcp=True, timeout=2.0)
     assert r.rcode() == dns.rcode.SERVFAIL
     await upstream.start()  # same port
     assert upstream.port == port
-    await asyncio.wait_for(u.wait_for_state("healthy"), WAIT)  # brought back by the prober
+    await asyncio.wait_for(wait_for_state(u, "healthy"), WAIT)  # brought back by the prober
     assert upstream.count(".", "NS") >= 1
     assert await readiness(sc)
     for tcp in (False, True):
@@ -290,7 +291,7 @@ async def test_stop_leaves_no_upstream_try_running(make_sidecar, upstream):
     client = asyncio.ensure_future(sc.query("www.example.test", timeout=4.0))
     await upstream.wait_for_queries(1)
     await sc.sc.stop(drain=0.2)  # the drain runs out before the 2 s try does
-    names = ("Upstream.query", "Resolver._fetch")
+    names = ("Fetcher._fetch",)
     left = [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "") in names]
     try:
         assert not left, f"still running after stop(): {left}"

@@ -152,9 +152,9 @@ def _key(label: str) -> bytes:
 def _resolver(pool: _StuckPool, slots: int):
     from sidecar.dns.cache import Cache
     from sidecar.miss.entry import TtlPolicy
-    from sidecar.miss.fetch import Resolver
+    from sidecar.miss.fetch import Fetcher
 
-    return Resolver(Cache(10), pool, TtlPolicy(), max_inflight=slots, budget=2.0,
+    return Fetcher(Cache(10), pool, TtlPolicy(), max_inflight=slots, budget=2.0,
                     jostle_after=0.0)
 
 
@@ -198,3 +198,30 @@ async def test_a_jostled_fetch_cancelled_at_shutdown_stays_cancelled():
     await res.close()  # shutdown cancels both before the jostled one ran
     assert old.cancelled() and new.cancelled()
     assert not res._jostled and not res._asking and res._slots.free == 1
+
+
+async def test_entry_times_come_from_the_cache_clock():
+    # One clock for entry times: storage, expiry and the serve-stale recheck window all read
+    # the cache's clock, whatever the event loop's time says.
+    from sidecar.dns.cache import EXPIRES, STORED, Cache
+    from sidecar.dns.types import Rcode, RRType
+    from sidecar.errors import ResolveFailed
+    from sidecar.miss.entry import TtlPolicy
+    from sidecar.miss.fetch import STALE_RECHECK, Fetcher
+    from sidecar.upstream.records import Answer, Rec
+
+    now = [1000.0]
+    cache = Cache(10)
+    cache.clock = lambda: now[0]
+    pool = _StuckPool()
+    res = Fetcher(cache, pool, TtlPolicy(min_ttl=60), serve_stale=30)
+    pool.answer.set_result(Answer(int(Rcode.NOERROR),
+                                  [Rec("www.test", int(RRType.A), 60, b"\x7f\x00\x00\x01")]))
+    entry, stale = await res.resolve(_key("www"))
+    assert not stale and entry[STORED] == 1000.0 and entry[EXPIRES] == 1060.0
+    now[0] = 1070.0  # expired 10 s ago, inside the serve-stale window
+    pool.answer = asyncio.get_running_loop().create_future()
+    pool.answer.set_exception(ResolveFailed("timeout", 1))
+    entry, stale = await res.resolve(_key("www"))
+    assert stale and entry[STORED] == 1000.0
+    assert res._recheck[_key("www")] == 1070.0 + STALE_RECHECK

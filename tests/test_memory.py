@@ -187,12 +187,12 @@ async def test_waiters_give_up_long_before_the_budget(make_sidecar, same_zone):
 def test_default_queue_bounds():
     from sidecar.dns.cache import Cache
     from sidecar.miss.entry import TtlPolicy
-    from sidecar.miss.fetch import Resolver
+    from sidecar.miss.fetch import Fetcher
 
-    r = Resolver(Cache(10), object(), TtlPolicy(), max_inflight=1024, budget=4.0)
+    r = Fetcher(Cache(10), object(), TtlPolicy(), max_inflight=1024, budget=4.0)
     assert r.max_waiting == 2048 and r.queue_wait == 1.5 < 4.0
     assert r.zone_limit == 512 and r.slow_zone_limit == 64
-    small = Resolver(Cache(10), object(), TtlPolicy(), max_inflight=2, budget=2.0)
+    small = Fetcher(Cache(10), object(), TtlPolicy(), max_inflight=2, budget=2.0)
     assert small.max_waiting == 256 and small.zone_limit == 2 and small.slow_zone_limit == 1
 
 
@@ -346,12 +346,12 @@ async def test_a_fetch_learning_its_soa_is_not_jostled(make_sidecar):
 def test_default_jostle_timeout():
     from sidecar.dns.cache import Cache
     from sidecar.miss.entry import TtlPolicy
-    from sidecar.miss.fetch import Resolver
+    from sidecar.miss.fetch import Fetcher
     from sidecar.upstream.pool import PoolSet
 
     for timeout, expect in ((2.0, 0.5), (0.5, 0.2), (8.0, 2.0)):
         pools = PoolSet([], [], timeout, 2)
-        r = Resolver(Cache(10), pools, TtlPolicy(), budget=timeout * 2)
+        r = Fetcher(Cache(10), pools, TtlPolicy(), budget=timeout * 2)
         assert r.jostle_after == expect
 
 
@@ -425,3 +425,40 @@ def test_soa_guess(name, include_self, guess):
     from sidecar.miss.soa import SoaFinder
 
     assert SoaFinder.guess(name, include_self) == guess
+
+
+async def test_a_cancelled_soa_waiter_leaves_the_shared_lookup_alone():
+    # Two negative answers under one zone share one SOA query; the second fetch waits for
+    # the first's. Cancelling the waiter (jostled, shutdown) must not cancel the shared
+    # lookup: the asking fetch still learns the SOA and nothing raises.
+    from sidecar.dns.types import Rcode, RRType
+    from sidecar.miss.soa import SoaFinder
+    from sidecar.upstream.records import Answer, Rec
+
+    soa = Rec("example.test", int(RRType.SOA), 300, b"\x00\x00" + bytes(20))
+    reply: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    class Pool:
+        asked: list[str] = []
+
+        def pool_for(self, name: str) -> Pool:
+            return self
+
+        async def query(self, name: str, qtype: int) -> Answer:
+            self.asked.append(name)
+            return await reply
+
+    pool = Pool()
+    finder = SoaFinder(pool)
+    asker = asyncio.ensure_future(finder.find("a.example.test", include_self=False))
+    await asyncio.sleep(0)  # one loop pass: the asker is waiting for the reply
+    assert pool.asked == ["example.test"]
+    waiter = asyncio.ensure_future(finder.find("b.example.test", include_self=False))
+    await asyncio.sleep(0)  # the waiter is waiting for the asker's lookup
+    assert finder._inflight
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    reply.set_result(Answer(int(Rcode.NOERROR), [soa], []))
+    assert await asyncio.wait_for(asker, 5) is soa
+    assert pool.asked == ["example.test"] and not finder._inflight

@@ -24,6 +24,7 @@ from sidecar import Sidecar
 from sidecar.ops import udpdrops as kernel
 from sidecar.ops.metrics import CONTENT_TYPE_LATEST, histogram_buckets
 from sidecar.testing.fakeupstream import FakeUpstream
+from sidecar.testing.upstreams import idle
 from sidecar.upstream.latency import BUCKETS
 from tests.helpers import dns_query, running
 
@@ -179,7 +180,7 @@ async def test_metrics_follow_upstream_failures(up: FakeUpstream, sc: Sidecar) -
         reply = await dns_query(sc, f"h{i}.example.test")
         assert reply.rcode() == dns.rcode.SERVFAIL
     # The SERVFAIL leaves at the pool's deadline; the try itself may time out a moment later.
-    await asyncio.wait_for(sc.pools.default.upstreams[0].idle(), 5)
+    await asyncio.wait_for(idle(sc.pools.default.upstreams[0]), 5)
     got = samples((await scrape(sc))[1])
     up_labels = {"pool": ".", "server": f"127.0.0.1:{up.port}"}
     assert value(got, "dns_sidecar_upstream_requests_total", outcome="timeout",

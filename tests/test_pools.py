@@ -10,6 +10,7 @@ import pytest
 
 import sidecar.upstream.pool
 from sidecar import HostPort
+from sidecar.testing.upstreams import idle, wait_for_state
 from tests.conftest import expire_all
 from tests.helpers import hp, upstream_obj
 
@@ -30,7 +31,7 @@ async def test_blackholed_server_is_quarantined_and_then_skipped(make_sidecar, u
     first = await sc.query("www.example.test")  # dead is tried first (unmeasured), then good
     assert first.answer and dead.count("www.example.test") >= 1  # c-ares may retransmit
     dead_u = upstream_obj(sc, dead)
-    await asyncio.wait_for(dead_u.wait_for_state("quarantined"), WAIT)
+    await asyncio.wait_for(wait_for_state(dead_u, "quarantined"), WAIT)
     assert dead_u.outcomes["timeout"] >= 1
     before = len(dead.log)
     names = [f"h{i}.example.test" for i in range(30)]
@@ -48,9 +49,9 @@ async def test_recovered_server_is_brought_back_by_the_probe(make_sidecar, upstr
     u = upstream_obj(sc, upstream)
     r = await sc.query("www.example.test")
     assert r.rcode() == dns.rcode.SERVFAIL
-    await asyncio.wait_for(u.wait_for_state("quarantined"), WAIT)
+    await asyncio.wait_for(wait_for_state(u, "quarantined"), WAIT)
     upstream.drop = False
-    await asyncio.wait_for(u.wait_for_state("healthy"), WAIT)
+    await asyncio.wait_for(wait_for_state(u, "healthy"), WAIT)
     assert u.probes >= 1 and upstream.count(".", "NS") >= 1
     r = await sc.query("mail.example.test")
     assert r.answer
@@ -61,7 +62,7 @@ async def test_all_quarantined_pool_still_tries(make_sidecar, upstream):
     u = upstream_obj(sc, upstream)
     upstream.drop = True
     await sc.query("www.example.test")
-    await asyncio.wait_for(u.wait_for_state("quarantined"), WAIT)
+    await asyncio.wait_for(wait_for_state(u, "quarantined"), WAIT)
     upstream.drop = False
     # Before any probe succeeds, a query still goes to the least-bad (only) server.
     r = await sc.query("mail.example.test")
@@ -99,7 +100,7 @@ async def test_unreachable_server_fails_over_fast(make_sidecar, upstream, second
     r = await sc.query("www.example.test", timeout=3.0)
     assert r.answer
     u = [u for u in sc.sc.pools.default.upstreams if u.addr.port == gone][0]
-    await asyncio.wait_for(u.idle(), WAIT)
+    await asyncio.wait_for(idle(u), WAIT)
     assert u.queries == 1 and u.outcomes["ok"] == 0
     assert u.outcomes["unreachable"] + u.outcomes["timeout"] == 1
 
@@ -182,7 +183,7 @@ async def test_slow_server_is_hedged_to_the_next(make_sidecar, upstream, second_
     assert sc.sc.pools.default.hedged == 1
     assert slow.count("www.example.test") >= 1 and fast.count("www.example.test") == 1
     slow_u = upstream_obj(sc, slow)
-    await asyncio.wait_for(slow_u.idle(), WAIT)  # the losing try is left to finish
+    await asyncio.wait_for(idle(slow_u), WAIT)  # the losing try is left to finish
     assert slow_u.outcomes["ok"] == 1
     assert slow_u.health.consecutive_failures == 0  # a late answer is still an answer
 
@@ -204,3 +205,25 @@ async def test_lost_upstream_packet_is_retransmitted_within_the_try(make_sidecar
     assert r.rcode() == dns.rcode.NOERROR and r.answer
     assert upstream.count("www.example.test") == 2
     assert u.outcomes["timeout"] == 0
+
+
+async def test_a_lone_try_abandoned_by_its_fetch_still_feeds_health(upstream):
+    # A fetch ended early (jostled, or its client gone) stops waiting for its pool query;
+    # the one try in flight is left to finish, so a late answer (or a timeout) still
+    # counts for the server, as a hedged loser's does.
+    from sidecar.dns.types import RRType
+    from sidecar.upstream.pool import Pool
+
+    upstream.latency = 0.2
+    pool = Pool("", [hp(upstream)], timeout=2.0, tries=1)
+    (u,) = pool.upstreams
+    try:
+        fetch = asyncio.ensure_future(pool.query("www.example.test", int(RRType.A)))
+        await asyncio.wait_for(upstream.wait_for_queries(1), WAIT)
+        fetch.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await fetch
+        await asyncio.wait_for(idle(u), WAIT)
+        assert u.outcomes["ok"] == 1 and u.health.consecutive_failures == 0
+    finally:
+        await pool.close()

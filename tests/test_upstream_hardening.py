@@ -29,6 +29,7 @@ from dnslib import DNSLabel
 import sidecar.upstream.cares
 from sidecar import HostPort
 from sidecar.testing.fakeupstream import FakeUpstream
+from sidecar.testing.upstreams import idle
 from tests.forger import RecordingUpstream, answer, forge
 from tests.helpers import free_port, upstream_obj
 
@@ -76,8 +77,13 @@ async def test_each_upstream_query_leaves_from_its_own_port(make_sidecar, record
     # The kernel picks each port at random from ~28k: a repeat now and then is chance.
     assert len(set(ports)) >= n - 3, ports
     # Queries in flight at once each hold their own socket.
+    # Held until all n have arrived, so all n are in flight at once.
     recorder.seen.clear()
-    replies = await asyncio.gather(*(sc.query(f"burst{i}.example.test") for i in range(n)))
+    recorder.hold = True
+    burst = asyncio.gather(*(sc.query(f"burst{i}.example.test") for i in range(n)))
+    await recorder.wait_for(n)
+    recorder.release()
+    replies = await burst
     assert all(a_records(r) == [RecordingUpstream.ADDRESS] for r in replies)
     assert len({s.port for s in recorder.seen}) == n
     assert sidecar.upstream.cares.per_query_ports is True
@@ -238,7 +244,7 @@ async def test_resends_answered_fast_do_not_shorten_the_next_resends(make_sideca
     r = await sc.query("slow.example.test", timeout=5.0)
     assert r.rcode() == dns.rcode.NOERROR and a_records(r) == ["10.0.0.1"]
     assert u.outcomes["timeout"] == 0
-    await asyncio.wait_for(u.idle(), 10)
+    await asyncio.wait_for(idle(u), 10)
     assert not u._retired  # channels that measured too much are closed once idle
 
 
@@ -281,7 +287,7 @@ async def test_slow_first_try_fails_over_and_still_counts(make_sidecar, upstream
     # (on a fresh channel) does not replace failing over.
     assert sc.sc.pools.default.hedged >= 1 and fast.count("www.example.test") == 1
     slow_u = upstream_obj(sc, slow)
-    await asyncio.wait_for(slow_u.idle(), 10)
+    await asyncio.wait_for(idle(slow_u), 10)
     assert slow_u.outcomes["timeout"] == 0 and slow_u.outcomes["ok"] >= 1
 
 

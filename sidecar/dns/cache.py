@@ -4,6 +4,10 @@ An entry holds the wire bytes of everything after the question (answer, authorit
 additional sections, OPT excluded) plus the offsets of its TTL fields. A hit copies those
 bytes behind the client's own header and question; TTLs are re-written at most once per
 second per entry, so a hit costs a dict lookup and a few byte concatenations.
+
+Time comes from one clock, the cache's (:attr:`Cache.clock`, ``time.monotonic`` unless
+injected): entries' ``stored``, ``expires`` and ``prefetch_at`` are seconds on it, and
+everything on the DNS path that asks "now" about an entry reads it there.
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ from __future__ import annotations
 import struct
 import time
 from collections import deque
-from collections.abc import Iterator
-from typing import NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, Final, NamedTuple, TypeAlias, TypeVar
 
-from sidecar.dns.wire import RCODE_NAMES, key_type, qname_text
+from sidecar.dns.types import RCODE_NAMES
+from sidecar.dns.wire import key_type, qname_text
 
 _U32 = struct.Struct(">I")
 _COUNTS = struct.Struct(">HHHH")
@@ -24,7 +29,9 @@ STALE_REPLY_TTL = 30
 #: "No prefetch": one shared float instead of a new ``inf`` per entry (24 bytes each).
 NEVER = float("inf")
 
-_interned: dict = {}
+_T = TypeVar("_T", bytes, tuple[int, ...])
+
+_interned: dict[Any, Any] = {}
 #: Bound on the interning table, in (estimated) bytes: offset tuples of large answers are
 #: big, so a bound of 4096 values alone could hold hundreds of MiB.
 INTERN_MAX_BYTES = 1 << 20
@@ -33,14 +40,14 @@ INTERN_MAX_VALUE = 2048
 _interned_bytes = 0
 
 
-def _intern_size(value) -> int:
+def _intern_size(value: bytes | tuple[int, ...]) -> int:
     """Estimated bytes a value costs in the table (object, its items, the dict slot)."""
     if isinstance(value, bytes):
         return 33 + len(value) + 48
     return 56 + 40 * len(value) + 48  # a tuple of ints (each up to 32 bytes) + the slot
 
 
-def _intern(value):
+def _intern(value: _T) -> _T:
     """Share identical headers and TTL-offset tuples between entries: answers of the same
     shape have the same ones, and each copy would cost ~50 bytes per entry."""
     global _interned_bytes
@@ -58,17 +65,20 @@ def _intern(value):
 class Entry(NamedTuple):
     """One cached reply, as the API sees it.
 
-    The cache itself stores the same fields as a plain ``tuple`` (``tuple(entry)``): CPython's
-    cyclic GC stops tracking a tuple of atomic values, but not a class instance. With class
-    instances, one full collection over 1M entries took 343 ms (64 ms at the default 100k),
-    a stall every client would see; with plain tuples the entries cost the GC nothing.
-    The hot path indexes the raw tuple (``HDR`` ... ``PREFETCH_AT``); other code can view one
-    with ``Entry._make(raw)``.
+    The cache itself stores the same fields as a plain ``tuple`` (:data:`RawEntry`,
+    ``tuple(entry)``): CPython's cyclic GC stops tracking a tuple that holds only atomic
+    values (bytes, ints, floats, tuples of those), but never a class instance, and a full
+    collection walks every tracked object: with instances, each full collection would stall
+    every client for time proportional to the cache's size; plain tuples cost it nothing.
+    For the same reason every field must be a plain ``int``/``float``/``bytes``, never an
+    ``IntEnum`` member. The hot path indexes the raw tuple (``HDR`` ... ``PREFETCH_AT``);
+    other code can view one with ``Entry._make(raw)``.
 
     ``hdr`` is byte 3 of the header (RA + RCODE) and the four section counts with QDCOUNT=1
     and without our OPT; ``hdr_edns`` the same with ARCOUNT + 1. ``body`` (answer, authority
     and additional sections) carries TTLs as of ``age`` whole seconds after ``stored``; the
-    TTL fields sit at ``offsets``. Times are ``time.monotonic()`` seconds.
+    TTL fields sit at ``offsets``. Times are seconds on the cache's clock
+    (:attr:`Cache.clock`): the methods that need "now" take it.
     """
 
     hdr: bytes
@@ -82,13 +92,14 @@ class Entry(NamedTuple):
     prefetch_at: float
 
     def remaining(self, now: float | None = None) -> float:
-        """Seconds until expiry (negative once expired)."""
+        """Seconds until expiry at ``now`` (the cache's clock; negative once expired).
+        Without ``now``: at ``time.monotonic()``, the default clock's reading."""
         return self.expires - (time.monotonic() if now is None else now)
 
-    @property
-    def ttl(self) -> int:
-        """The TTL a reply carries now: whole seconds left, 0 once expired."""
-        left = int(self.expires - time.monotonic())
+    def ttl_at(self, now: float) -> int:
+        """The TTL a reply carries at ``now`` (the cache's clock): whole seconds left, 0 once
+        expired."""
+        left = int(self.expires - now)
         return left if left > 0 else 0
 
     @property
@@ -96,15 +107,29 @@ class Entry(NamedTuple):
         return RCODE_NAMES.get(self.rcode, str(self.rcode))
 
 
-HDR, HDR_EDNS, BODY, OFFSETS, STORED, EXPIRES, AGE, RCODE, PREFETCH_AT = range(9)
+# Field indices of a raw entry (the order of Entry's fields). Final literals, so the type
+# checker knows each field's type in ``e[EXPIRES]``.
+HDR: Final = 0
+HDR_EDNS: Final = 1
+BODY: Final = 2
+OFFSETS: Final = 3
+STORED: Final = 4
+EXPIRES: Final = 5
+AGE: Final = 6
+RCODE: Final = 7
+PREFETCH_AT: Final = 8
 
-#: A raw entry: a plain tuple laid out as :class:`Entry`.
-RawEntry = tuple
+#: A raw entry: a plain tuple laid out as :class:`Entry` (hdr, hdr_edns, body, offsets,
+#: stored, expires, age, rcode, prefetch_at). Only an annotation: at run time entries are
+#: plain tuples, for the GC (see :class:`Entry`).
+RawEntry: TypeAlias = tuple[bytes, bytes, bytes, tuple[int, ...], float, float, int, int, float]
 
 
 def new_entry(rcode: int, an: int, ns: int, ar: int, body: bytes, offsets: tuple[int, ...],
               stored: float, lifetime: float, prefetch_at: float = NEVER) -> RawEntry:
-    """A raw entry for a reply with these section counts, living ``lifetime`` seconds."""
+    """A raw entry for a reply with these section counts, living ``lifetime`` seconds from
+    ``stored`` (the cache's clock)."""
+    rcode = int(rcode)  # an IntEnum member would keep the entry tracked by the GC (see Entry)
     b3 = bytes((0x80 | (rcode & 0x0F),))
     return (_intern(b3 + _COUNTS.pack(1, an, ns, ar)),
             _intern(b3 + _COUNTS.pack(1, an, ns, ar + 1)),
@@ -135,7 +160,8 @@ def stale_body(e: RawEntry) -> bytes:
 
 #: Bytes an entry costs beyond its key's and body's lengths: the two bytes objects' headers,
 #: the entry tuple, its floats, the dict slot, the queue slot and a share of ``used``
-#: (measured with tracemalloc on 100k entries, rounded up).
+#: (what tracemalloc counts per entry, rounded up; tests/test_cache.py holds the accounting
+#: to it).
 ENTRY_OVERHEAD = 320
 #: Per TTL offset: its slot in the offsets tuple and the int object (when not interned).
 OFFSET_COST = 40
@@ -165,12 +191,19 @@ class Cache:
     Eviction takes the oldest key of the insertion queue; a key hit since it was queued goes
     to the back once instead (its mark is cleared), so an entry in use survives and one
     nobody asked for since it was stored goes first: LRU's behaviour for a cache, without
-    LRU's per-entry list node. Measured at 1M entries: an ``OrderedDict`` costs 91 bytes per
-    entry, a ``dict`` plus this queue 42 + 8; a hit's ``set.add`` is no dearer than
-    ``move_to_end``.
+    LRU's per-entry list node (an ``OrderedDict`` keeps a linked-list node per key; a
+    ``dict`` plus this queue keeps one pointer per key).
+
+    ``clock`` (seconds, never going back) is the one source of "now" for the entries: the
+    handler and the miss path read :attr:`clock`; tests inject one
+    (:class:`sidecar.testing.clock.OffsetClock`) to age entries without waiting.
     """
 
-    def __init__(self, capacity: int, memory_limit: int = 256 * 1024 * 1024) -> None:
+    def __init__(self, capacity: int, memory_limit: int = 256 * 1024 * 1024, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        #: Seconds; the time base of every entry's ``stored``, ``expires`` and
+        #: ``prefetch_at``. Bind it once (``now = cache.clock``) on hot paths.
+        self.clock = clock
         self.capacity = capacity
         #: Bound on the bytes held by the cached answers (``--cache-memory``).
         self.memory_limit = memory_limit
@@ -212,8 +245,11 @@ class Cache:
             self.entries[key] = e[:PREFETCH_AT] + (NEVER,)
 
     def backdate(self, key: bytes, seconds: float) -> None:
-        """Pretend the entry was stored ``seconds`` earlier (tests and tools: ages it, or with
-        a large value expires it, without waiting)."""
+        """Deprecated: tests only, use an injected clock (``Cache(..., clock=OffsetClock())``
+        and ``clock.advance(seconds)``).
+
+        Pretend the entry was stored ``seconds`` earlier: ages it, or with a large value
+        expires it, without waiting."""
         e = self.entries[key]
         self.entries[key] = (e[:STORED] + (e[STORED] - seconds, e[EXPIRES] - seconds)
                              + e[AGE:PREFETCH_AT] + (e[PREFETCH_AT] - seconds,))

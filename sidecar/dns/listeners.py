@@ -2,6 +2,10 @@
 
 TCP follows RFC 7766: two-byte length prefix, several (also pipelined) queries per
 connection, replies in completion order, an idle timeout, a bound on open connections.
+
+A miss (:class:`~sidecar.dns.handler.PendingReply`) is handed the listener's way to send;
+the reply does the rest. Connection timing (idle and drain deadlines) is real time, as the
+event loop's timers it pairs with, not the cache's clock.
 """
 
 from __future__ import annotations
@@ -13,19 +17,21 @@ import socket
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from sidecar.config import HostPort
+from sidecar.dns.reuseport import steer_to
 from sidecar.errors import StartupError
 from sidecar.log import limit_repeats
 
 if TYPE_CHECKING:
     from sidecar.dns.acl import Acl
-    from sidecar.dns.handler import PendingReply
+    from sidecar.dns.handler import PendingReply, Reply
 
 log = logging.getLogger("sidecar.listen")
 
-Handle = Callable[[bytes, str, bool], object]
+#: ``handle(message, client IP, tcp)``: :meth:`sidecar.dns.handler.QueryHandler.handle`.
+Handle = Callable[[bytes, str, bool], "Reply"]
 
 #: Queries one TCP connection may have in flight before we stop reading from it.
 TCP_MAX_PENDING = 128
@@ -37,12 +43,8 @@ TCP_WRITE_HIGH = 64 * 1024
 TCP_MAX_BUFFERED = 16 * 65537
 
 
-def _track(pending: set[asyncio.Future], fut: asyncio.Future) -> None:
-    """Keep ``fut`` (a fetch, maybe shared by several clients) in ``pending`` until done,
-    so a drain can wait for it."""
-    if fut not in pending:
-        pending.add(fut)
-        fut.add_done_callback(pending.discard)
+def _not_connected(data: bytes, addr: tuple) -> None:
+    raise RuntimeError("UDP listener not connected")
 
 
 class UdpListener(asyncio.DatagramProtocol):
@@ -52,13 +54,16 @@ class UdpListener(asyncio.DatagramProtocol):
     def __init__(self, handle: Handle) -> None:
         self.handle = handle
         self.transport: asyncio.DatagramTransport | None = None
+        # The transport's sendto, bound once connected (no datagram arrives before).
+        self._sendto: Callable[[bytes, tuple], None] = _not_connected
         self.received = 0
         self.errors = 0
         self.pending: set[asyncio.Future] = set()
         self.closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.DatagramTransport, transport)
+        self._sendto = self.transport.sendto
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
         if self.closing:
@@ -73,26 +78,18 @@ class UdpListener(asyncio.DatagramProtocol):
         if reply is None:
             return
         if type(reply) is bytes:
-            self.transport.sendto(reply, addr)  # type: ignore[union-attr]
+            self._sendto(reply, addr)
             return
-        try:
-            fut = reply.start()  # type: ignore[union-attr]
-        except Exception:  # never let one query take the listener down
-            self.errors += 1
-            log.exception("miss path failed for a UDP query from %s", addr[0])
-            return
-        _track(self.pending, fut)
-        fut.add_done_callback(partial(self._answer, reply, addr))
+        cast("PendingReply", reply).dispatch(self.pending, partial(self._deliver, addr),
+                                             self._miss_failed)
 
-    def _answer(self, pending: PendingReply, addr: tuple, fut: asyncio.Future) -> None:
-        try:
-            reply = pending.reply(fut)
-        except Exception:
-            self.errors += 1
-            log.exception("miss path failed for a UDP query from %s", addr[0])
-            return
+    def _deliver(self, addr: tuple, reply: bytes | None) -> None:
         if reply is not None and self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(reply, addr)
+
+    def _miss_failed(self, host: str) -> None:
+        self.errors += 1
+        log.exception("miss path failed for a UDP query from %s", host)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors for replies to vanished clients: nothing to do.
@@ -119,36 +116,32 @@ class TcpConnection(asyncio.Protocol):
         self.eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)
         srv = self.server
         peer = transport.get_extra_info("peername")
         self.host = host = peer[0] if peer else ""
         if srv.closing or len(srv.connections) >= srv.max_connections:
             srv.rejected += 1
-            transport.abort()  # type: ignore[attr-defined]
+            self.transport.abort()
             return
         acl = srv.acl
-        if acl is not None:
-            allowed = acl.cache.get(host)
-            if allowed is None:
-                allowed = acl.check(host)
-            if not allowed:
-                # Closed before it holds a slot: a denied address gets nothing but REFUSED
-                # over TCP anyway, and 256 of its connections would lock out everyone else.
-                srv.denied += 1
-                transport.abort()  # type: ignore[attr-defined]
-                return
+        if acl is not None and not acl.allowed(host):
+            # Closed before it holds a slot: a denied address gets nothing but REFUSED over
+            # TCP anyway, and 256 of its connections would lock out everyone else.
+            srv.denied += 1
+            self.transport.abort()
+            return
         count = srv.per_client.get(host, 0)
         if count >= srv.max_per_client:
             srv.rejected += 1
             srv.client_rejected += 1
-            transport.abort()  # type: ignore[attr-defined]
+            self.transport.abort()
             return
         srv.per_client[host] = count + 1
         self.counted = True
         srv.connections.add(self)
         srv.accepted += 1
-        transport.set_write_buffer_limits(high=TCP_WRITE_HIGH)  # type: ignore[attr-defined]
+        self.transport.set_write_buffer_limits(high=TCP_WRITE_HIGH)
         self.timer = asyncio.get_running_loop().call_later(srv.idle_timeout, self._idle_check)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -238,25 +231,16 @@ class TcpConnection(asyncio.Protocol):
         if self.pending >= TCP_MAX_PENDING and not self.paused_reading and self.transport:
             self.transport.pause_reading()
             self.paused_reading = True
-        try:
-            fut = reply.start()  # type: ignore[union-attr]
-        except Exception:  # never let one query take the connection down
+        if not cast("PendingReply", reply).dispatch(self.server.pending, self._deliver,
+                                                    self._miss_failed):
             self.pending -= 1
-            self.server.errors += 1
-            log.exception("miss path failed for a TCP query from %s", self.host)
-            return
-        _track(self.server.pending, fut)
-        fut.add_done_callback(partial(self._answer, reply))
 
-    def _answer(self, pending: PendingReply, fut: asyncio.Future) -> None:
-        try:
-            reply = pending.reply(fut)
-        except Exception:
-            self.server.errors += 1
-            log.exception("miss path failed for a TCP query from %s", self.host)
-            reply = None
-        finally:
-            self.pending -= 1
+    def _miss_failed(self, host: str) -> None:
+        self.server.errors += 1
+        log.exception("miss path failed for a TCP query from %s", host)
+
+    def _deliver(self, reply: bytes | None) -> None:
+        self.pending -= 1
         if reply is not None:
             self._send(reply)
         t = self.transport
@@ -365,12 +349,15 @@ def per_client_connections(max_connections: int) -> int:
     return max(1, max_connections // 4)
 
 
-def _udp_socket(addr: HostPort, rcvbuf: int) -> tuple[socket.socket, int]:
+def _udp_socket(addr: HostPort, rcvbuf: int, reuse_port: bool = False
+                ) -> tuple[socket.socket, int]:
     family = socket.AF_INET6 if addr.family_v6 else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         got = 0
         if rcvbuf:
             # SO_RCVBUFFORCE passes net.core.rmem_max when we have CAP_NET_ADMIN; otherwise
@@ -394,13 +381,18 @@ def _udp_socket(addr: HostPort, rcvbuf: int) -> tuple[socket.socket, int]:
 
 async def open_listeners(addrs: tuple[HostPort, ...], handle: Handle, *, rcvbuf: int,
                          tcp_max_connections: int, tcp_idle_timeout: float,
-                         acl: Acl | None = None, tcp_max_per_client: int | None = None
+                         acl: Acl | None = None, tcp_max_per_client: int | None = None,
+                         reuse_port: bool = False
                          ) -> tuple[list[UdpListener], list[TcpListener], list[HostPort], int]:
     """Bind UDP and TCP on every address (same port for both; port 0 picks one).
 
     ``acl`` (default: the Acl of the handler ``handle`` is bound to) closes denied TCP
     clients at accept. Returns the listeners, the bound addresses and the UDP receive buffer
     the kernel granted. Raises :class:`StartupError` when an address cannot be bound.
+
+    ``reuse_port`` binds with ``SO_REUSEPORT`` beside another sidecar on the same addresses
+    and steers new traffic to this process (:mod:`sidecar.dns.reuseport`): the handover of
+    a replacement.
     """
     # Repeating lines (tracebacks per packet, shed warnings) are rate limited in every
     # sidecar, in-process ones included; every sidecar module is imported by now.
@@ -414,7 +406,7 @@ async def open_listeners(addrs: tuple[HostPort, ...], handle: Handle, *, rcvbuf:
         for addr in addrs:
             for attempt in range(20):
                 try:
-                    sock, granted = _udp_socket(addr, rcvbuf)
+                    sock, granted = _udp_socket(addr, rcvbuf, reuse_port)
                 except OSError as exc:
                     raise StartupError(f"cannot listen on {addr} (udp): {exc.strerror or exc}") from None
                 port = sock.getsockname()[1]
@@ -424,16 +416,21 @@ async def open_listeners(addrs: tuple[HostPort, ...], handle: Handle, *, rcvbuf:
                 try:
                     tcp.server = await loop.create_server(
                         tcp.protocol, host=real.host, port=port, reuse_address=True,
-                        backlog=1024)
+                        reuse_port=reuse_port or None, backlog=1024)
                 except OSError as exc:
                     sock.close()
                     if addr.port == 0 and exc.errno == errno.EADDRINUSE and attempt < 19:
                         continue
                     raise StartupError(
                         f"cannot listen on {real} (tcp): {exc.strerror or exc}") from None
+                if reuse_port:
+                    # Bound and about to read: from here on, new queries are ours.
+                    steer_to(sock)
+                    for listening in tcp.server.sockets:
+                        steer_to(listening)
                 _t, udp = await loop.create_datagram_endpoint(
                     lambda: UdpListener(handle), sock=sock)
-                udps.append(udp)  # type: ignore[arg-type]
+                udps.append(udp)
                 tcps.append(tcp)
                 bound.append(real)
                 break

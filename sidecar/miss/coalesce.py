@@ -37,7 +37,7 @@ class Coalescer(Generic[T]):
         else:
             task = asyncio.get_running_loop().create_task(fetch())
             self.inflight[key] = task
-            task.add_done_callback(lambda _t, k=key: self._done(k, _t))
+            task.add_done_callback(lambda t: self._done(key, t))
         return task
 
     def _done(self, key: bytes, task: asyncio.Task[T]) -> None:

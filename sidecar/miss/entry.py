@@ -7,8 +7,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sidecar.dns.cache import NEVER, RawEntry, new_entry
-from sidecar.dns.wire import NXDOMAIN, RR_FIXED, SERVFAIL, encode_name
+from sidecar.dns.types import Rcode, RRClass, RRType
+from sidecar.dns.wire import RR_FIXED, encode_name
 from sidecar.upstream.records import Answer, Rec, soa_minimum
+
+# Plain ints: an entry holds its rcode, and entries stay tuples of atomic values (see
+# sidecar.dns.cache.Entry); the type comparisons run per record.
+NXDOMAIN = int(Rcode.NXDOMAIN)
+SERVFAIL = int(Rcode.SERVFAIL)
+_IN = int(RRClass.IN)
+_CNAME = int(RRType.CNAME)
+_SOA = int(RRType.SOA)
 
 
 @dataclass(frozen=True)
@@ -68,7 +77,7 @@ def build_entry(key: bytes, qtype: int, answer: Answer, soa: Rec | None,
             owner = encode_name(rec.name)
             if owner.lower() == qname:
                 owner = _QNAME_PTR
-        fixed = RR_FIXED.pack(rec.type, 1, ttl, len(rec.rdata))
+        fixed = RR_FIXED.pack(rec.type, _IN, ttl, len(rec.rdata))
         parts.append(owner + fixed + rec.rdata)
         offsets.append(pos + len(owner) + 4)
         pos += len(owner) + 10 + len(rec.rdata)
@@ -81,9 +90,9 @@ def build_entry(key: bytes, qtype: int, answer: Answer, soa: Rec | None,
         add(rec, ttl)
     an = len(parts)
     if soa is None:
-        soa = next((r for r in answer.authority if r.type == 6), None)
+        soa = next((r for r in answer.authority if r.type == _SOA), None)
     negative = answer.rcode == NXDOMAIN or not an or (
-        qtype != 5 and all(r.type == 5 for r in answer.answer))
+        qtype != _CNAME and all(r.type == _CNAME for r in answer.answer))
     if negative and soa is not None:
         nttl = negative_ttl(soa.ttl, soa_minimum(soa), policy)
         ttls.append(nttl)

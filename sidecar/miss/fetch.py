@@ -2,6 +2,11 @@
 
 Also serve-stale (RFC 8767) and prefetch. The hot path (``handler``) only calls in here when
 the cache has no fresh entry, or to start a prefetch.
+
+With a second level (the fleet's shared cache, :mod:`sidecar.miss.second`), a fetch asks it
+first: a usable entry fills the local cache and no upstream is asked; otherwise the fleet's
+lease decides whether this sidecar asks upstream or waits briefly for another's answer, and
+an upstream answer is written back in the background.
 """
 
 from __future__ import annotations
@@ -9,19 +14,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 
-from sidecar.dns.cache import EXPIRES, RCODE, Cache, RawEntry
-from sidecar.dns.wire import NXDOMAIN, SERVFAIL, key_type, qname_text
+from sidecar.dns.cache import EXPIRES, NEVER, PREFETCH_AT, RCODE, Cache, RawEntry
+from sidecar.dns.types import Rcode, RRType
+from sidecar.dns.wire import key_type, qname_text
 from sidecar.errors import ResolveFailed
 from sidecar.miss.coalesce import Coalescer
 from sidecar.miss.entry import TtlPolicy, build_entry, servfail_entry
 from sidecar.miss.inflight import Slots, ZoneSlots, zone_key
+from sidecar.miss.outside import check_outside
 from sidecar.miss.scrub import ScrubPolicy, scrub
+from sidecar.miss.second import SecondLevel
 from sidecar.miss.soa import SoaFinder
 from sidecar.upstream.pool import PoolSet
 from sidecar.upstream.records import Answer, Rec
 
 log = logging.getLogger("sidecar.resolver")
+
+# Plain ints for the per-miss comparisons (an IntEnum member costs more to compare).
+NXDOMAIN = int(Rcode.NXDOMAIN)
+SERVFAIL = int(Rcode.SERVFAIL)
+_CNAME = int(RRType.CNAME)
+_SOA = int(RRType.SOA)
 
 #: After a failed refresh, stale answers are served at once for this long before the
 #: upstreams are asked again (RFC 8767's "failure recheck", which it bounds at 5 minutes).
@@ -54,26 +70,44 @@ SLOW_ZONE_SHARE = 16
 #: fetch is ended only once every older one is gone.
 JOSTLE_SHARE = 0.25
 JOSTLE_MIN = 0.2
+#: Waiting for another sidecar's answer (the second level's lease) lasts about what asking
+#: upstream ourselves would: this multiple of the pool's recent p90 answer time, within the
+#: bounds below (the floor covers an unmeasured or very fast upstream and the polling).
+LEASE_WAIT_FACTOR = 1.5
+LEASE_WAIT_MIN = 0.02
+LEASE_WAIT_MAX = 1.0
 
 
-class Resolver:
-    """``lookup(key)`` / ``await resolve(key)`` -> (entry, stale). Never raises: failures
-    become SERVFAIL."""
+class Fetcher:
+    """The miss path behind the handler: ``lookup(key)`` / ``await resolve(key)`` ->
+    ``(entry, stale)``, ``prefetch(key, entry)``, ``close()``. Never raises: failures become
+    SERVFAIL.
+
+    Entry times (storage, expiry, prefetch, serve-stale windows, learned SOAs) are read from
+    the cache's clock, so a test that moves that clock sees one consistent time; waits for
+    slots and the ages of fetches in flight (jostling, slow zones) are event-loop time, as
+    the I/O they bound is.
+    """
 
     def __init__(self, cache: Cache, pools: PoolSet, policy: TtlPolicy, *,
                  max_inflight: int = 1024, budget: float = 4.0, serve_stale: int = 0,
                  scrub_policy: ScrubPolicy | None = None, max_waiting: int | None = None,
                  queue_wait: float | None = None, zone_limit: int | None = None,
                  slow_zone_limit: int | None = None, slow_after: float | None = None,
-                 jostle_after: float | None = None) -> None:
+                 jostle_after: float | None = None,
+                 second: SecondLevel | None = None) -> None:
         self.cache = cache
+        #: The fleet's shared cache behind this one (None: none); may be set before start.
+        self.second = second
+        #: Monotonic seconds for everything tied to entry times (the cache's clock).
+        self.clock: Callable[[], float] = getattr(cache, "clock", time.monotonic)
         self.scrub_policy = scrub_policy or ScrubPolicy()
         self.pools = pools
         self.policy = policy
         self.serve_stale = serve_stale
         self.budget = budget
         self.coalescer: Coalescer[tuple[RawEntry, bool]] = Coalescer()
-        self.soa = SoaFinder(pools)
+        self.soa = SoaFinder(pools, clock=self.clock)
         self._slots = Slots(max_inflight)
         self.max_inflight = max_inflight
         #: Bound on ``waiting`` (fetches queued for a global or a zone slot).
@@ -101,7 +135,7 @@ class Resolver:
         self._zones: dict[str, ZoneSlots] = {}
         #: The fetches that may be jostled: token -> (start, task), oldest first (a dict keeps
         #: insertion order, so the candidate is the first item; no timer per fetch).
-        self._asking: dict[int, tuple[float, asyncio.Task]] = {}
+        self._asking: dict[int, tuple[float, asyncio.Task[Any]]] = {}
         #: Jostled fetches whose slot already belongs to the fetch that jostled them.
         self._jostled: set[int] = set()
         self._seq = 0
@@ -127,7 +161,7 @@ class Resolver:
         if self.serve_stale:
             until = self._recheck.get(key)
             if until is not None:
-                if until > time.monotonic():
+                if until > self.clock():
                     old = self._usable_stale(key)
                     if old is not None:
                         done = asyncio.get_running_loop().create_future()
@@ -171,18 +205,23 @@ class Resolver:
         old = self.cache.entries.get(key)
         if old is None or old[RCODE] == SERVFAIL:
             return None
-        now = time.monotonic()
+        now = self.clock()
         if old[EXPIRES] <= now < old[EXPIRES] + self.serve_stale:
             return old
         return None
 
     async def _fetch(self, key: bytes) -> tuple[RawEntry, bool]:
         try:
+            second = self.second
+            if second is not None:
+                shared = await self._from_second(key, second)
+                if shared is not None:
+                    return shared, False
             return await self._fetch_inner(key)
         except Exception:
             log.exception("miss path failed for %r", key)
             self.failed += 1
-            return servfail_entry(time.monotonic(), self.policy), False
+            return servfail_entry(self.clock(), self.policy), False
 
     async def _fetch_inner(self, key: bytes) -> tuple[RawEntry, bool]:
         name = qname_text(key)
@@ -223,10 +262,14 @@ class Resolver:
             self._seq = token = self._seq + 1
             zone.started[token] = now = loop.time()
             task = asyncio.current_task()
-            self._asking[token] = (now, task)  # type: ignore[assignment]
+            if task is not None:  # always, as a coalesced fetch runs as its own task
+                self._asking[token] = (now, task)
             jostled = False
+            failed: str | None = None
             try:
                 answer, soa = await self._ask(name, key_type(key), token)
+            except ResolveFailed as exc:
+                failed = exc.kind
             except asyncio.CancelledError:
                 if token not in self._jostled:
                     raise
@@ -249,16 +292,49 @@ class Resolver:
             log.warning("all %d upstream slots busy: ended %s after %.2fs for a newer query",
                         self.max_inflight, name, loop.time() - now)
             return self._failure(key, "jostled", store=False)
-        if answer is None:
-            return self._failure(key, str(soa))
-        now = time.monotonic()
+        if failed is not None:
+            return self._failure(key, failed)
+        now = self.clock()
         entry = build_entry(key, key_type(key), answer, soa, self.policy, now, name)
         if entry[EXPIRES] > now:
             self.cache.put(key, entry)
+            if self.second is not None:
+                self.second.put(key, entry)
         else:
             self.cache.delete(key)
         self._recheck.pop(key, None)
         return entry, False
+
+    async def _from_second(self, key: bytes, second: SecondLevel) -> RawEntry | None:
+        """The second level's entry for ``key``, now in the local cache; None: ask upstream."""
+        entry = await second.get(key)
+        if entry is None:
+            entry = await second.lease(key, self._lease_wait(key))
+            if entry is None:
+                return None
+        now = self.clock()
+        why = check_outside(key, entry, self.scrub_policy, self.policy, now)
+        if why is not None:
+            second.reject(key, why)
+            return None
+        old = self.cache.entries.get(key)
+        if old is not None and old[EXPIRES] >= entry[EXPIRES]:
+            return None  # a prefetch: the fleet has nothing fresher than ours
+        if self.policy.prefetch and entry[EXPIRES] - now >= 10:
+            entry = entry[:PREFETCH_AT] + (now + 0.9 * (entry[EXPIRES] - now),)
+        elif entry[PREFETCH_AT] != NEVER:
+            entry = entry[:PREFETCH_AT] + (NEVER,)
+        self.cache.put(key, entry)
+        self._recheck.pop(key, None)
+        return entry
+
+    def _lease_wait(self, key: bytes) -> float:
+        """How long to wait for another sidecar's answer: about a plain miss's time."""
+        pool = self.pools.pool_for(qname_text(key))
+        times = [p for u in pool.upstreams if u.health.healthy
+                 and (p := u.latency.percentile(0.9)) is not None]
+        guess = min(times) if times else pool.timeout / 4
+        return min(LEASE_WAIT_MAX, max(LEASE_WAIT_MIN, LEASE_WAIT_FACTOR * guess))
 
     def _jostle(self, now: float) -> bool:
         """End the oldest fetch asking upstream since before ``now - jostle_after`` and hand
@@ -286,22 +362,18 @@ class Resolver:
             self.waiting -= 1
 
     async def _ask(self, name: str, qtype: int, token: int = 0
-                   ) -> tuple[Answer | None, Rec | str | None]:
+                   ) -> tuple[Answer, Rec | None]:
         """``(answer, soa)``: the upstream's answer and, for a negative one that came
-        without, the SOA learned by at most one more query (on the same slots); or
-        ``(None, kind)`` when no upstream answered."""
-        pool = self.pools.pool_for(name)
-        try:
-            answer = await pool.query(name, qtype)
-        except ResolveFailed as exc:
-            return None, exc.kind
+        without, the SOA learned by at most one more query (on the same slots). Raises
+        :class:`ResolveFailed` when no upstream answered."""
+        answer = await self.pools.pool_for(name).query(name, qtype)
         answer = scrub(name, qtype, answer, self.scrub_policy)
         soa = None
         # (the last record first: a positive answer skips the generator)
-        cname_only = (qtype != 5 and answer.answer and answer.answer[-1].type == 5
-                      and all(r.type == 5 for r in answer.answer))
+        cname_only = (qtype != _CNAME and answer.answer and answer.answer[-1].type == _CNAME
+                      and all(r.type == _CNAME for r in answer.answer))
         negative = answer.rcode == NXDOMAIN or not answer.answer or cname_only
-        if negative and not any(r.type == 6 for r in answer.authority):
+        if negative and not any(r.type == _SOA for r in answer.authority):
             # No SOA came with the negative answer: learn it (soa.py), RFC 2308.
             target = name
             if cname_only:
@@ -337,10 +409,14 @@ class Resolver:
             if old is not None:
                 if len(self._recheck) > 100_000:
                     self._recheck.clear()
-                self._recheck[key] = time.monotonic() + STALE_RECHECK
+                self._recheck[key] = self.clock() + STALE_RECHECK
                 return old, True
-        entry = servfail_entry(time.monotonic(), self.policy)
+        entry = servfail_entry(self.clock(), self.policy)
         if store and self.policy.servfail_ttl > 0 and not (
                 self.serve_stale and key in self.cache.entries):
             self.cache.put(key, entry)
         return entry, False
+
+
+#: The former name, until sidecar/server.py and sidecar/dns/handler.py import ``Fetcher``.
+Resolver = Fetcher

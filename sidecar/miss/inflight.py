@@ -1,8 +1,8 @@
 """The bound on upstream fetches in flight (``--max-inflight``): slots, taken in FIFO order.
 
-``asyncio.Semaphore`` does the same, but every miss paid for its ``locked()`` (a generator
-over the waiters) and an ``acquire()`` coroutine even when a slot was free; here a free slot
-is one integer decrement (``take``), and only a fetch that finds none waits (``wait``).
+``asyncio.Semaphore`` does the same, but costs every miss a ``locked()`` (a generator over
+the waiters) and an ``acquire()`` coroutine even when a slot is free; here a free slot is
+one integer decrement (``take``), and only a fetch that finds none waits (``wait``).
 """
 
 from __future__ import annotations

@@ -27,10 +27,13 @@ import ipaddress
 from bisect import bisect_right
 from dataclasses import dataclass, field
 
-from sidecar.dns.wire import NXDOMAIN, WireError, encode_name
+from sidecar.dns.types import Rcode, RRType
+from sidecar.dns.wire import WireError, encode_name
 from sidecar.upstream.records import Answer, Rec
 
-_A, _CNAME, _SOA, _AAAA = 1, 5, 6, 28
+# Plain ints: compared per record.
+NXDOMAIN = int(Rcode.NXDOMAIN)
+_A, _CNAME, _SOA, _AAAA = (int(t) for t in (RRType.A, RRType.CNAME, RRType.SOA, RRType.AAAA))
 
 #: A longer chain is cut (and answers NODATA): resolvers follow 8 to 16 CNAMEs at most.
 MAX_CHAIN = 16
@@ -82,7 +85,7 @@ class ScrubPolicy:
         # First bytes any network touches: most public addresses are let through on one
         # set lookup. Byte 0 stays in the IPv6 set while IPv4 networks exist (the
         # ::ffff:0:0/96 and 64:ff9b::/96 forms start with it).
-        first = {4: set(), 6: set()}
+        first: dict[int, set[int]] = {4: set(), 6: set()}
         for n in self.private:
             shift = n.max_prefixlen - 8
             first[n.version].update(range(int(n.network_address) >> shift,
@@ -185,9 +188,9 @@ def scrub(name: str, qtype: int, answer: Answer, policy: ScrubPolicy) -> Answer:
                     cnames.setdefault(_wire(r.name), r)
             if cnames:
                 seen = {end}
-                while (r := cnames.get(end)) is not None:
-                    chain.append(r)
-                    end = r.rdata.lower()
+                while (link := cnames.get(end)) is not None:
+                    chain.append(link)
+                    end = link.rdata.lower()
                     if end in seen or len(chain) >= MAX_CHAIN:
                         end = b""  # a loop or an endless chain: no data at its end
                         break

@@ -3,7 +3,7 @@
 The fallback for negative answers that arrive without an SOA in their authority section
 (an upstream that strips it, or the ``query_dns`` path when ``caresquery`` is unavailable):
 the SOA a negative answer must carry is then learned with one SOA query, made on the
-fetch's own in-flight slot. Asking every ancestor at once cost a query per label (60 and more
+fetch's own in-flight slot. Asking every ancestor would cost a query per label (60 and more
 for a long name, outside any bound); instead the closest apex already known is used, else
 one name is asked: the registrable-domain guess (:func:`~sidecar.miss.inflight.zone_key`), which
 is the apex for most names, and whose reply also carries the enclosing zone's SOA in its
@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
-from sidecar.dns.wire import NOERROR
+from sidecar.dns.types import Rcode, RRType
 from sidecar.errors import ResolveFailed, UpstreamError
 from sidecar.miss.inflight import zone_key
+
+_NOERROR = int(Rcode.NOERROR)
+_SOA = int(RRType.SOA)
 
 _NOT_APEX_TTL = 300.0
 _FAILED_TTL = 30.0
@@ -28,13 +32,16 @@ _MAX_KNOWN = 20_000
 
 
 class SoaFinder:
-    """``find(name, include_self)`` returns the enclosing zone's SOA (a :class:`Rec`)."""
+    """``find(name, include_self)`` returns the enclosing zone's SOA (a :class:`Rec`).
 
-    def __init__(self, pools: Any) -> None:
+    ``clock`` gives the monotonic seconds what is learned expires by (the cache's clock)."""
+
+    def __init__(self, pools: Any, clock: Callable[[], float] = time.monotonic) -> None:
         self.pools = pools
+        self.clock = clock
         # name -> (expires, SOA record or None when the name is known not to be an apex)
         self.known: dict[str, tuple[float, Any]] = {}
-        self._inflight: dict[str, asyncio.Future] = {}
+        self._inflight: dict[str, asyncio.Future[None]] = {}
         self.lookups = 0
 
     @staticmethod
@@ -63,13 +70,13 @@ class SoaFinder:
             return soa
         cand = self.guess(name, include_self)
         hit = self.known.get(cand)
-        if hit is not None and hit[0] > time.monotonic():
+        if hit is not None and hit[0] > self.clock():
             return None  # asked lately and nothing usable came back
         await self._learn(cand)
         return self._closest(name, include_self)
 
     def _closest(self, name: str, include_self: bool) -> Any | None:
-        now = time.monotonic()
+        now = self.clock()
         known = self.known
         for cand in self.ancestors(name, include_self):
             hit = known.get(cand)
@@ -80,7 +87,9 @@ class SoaFinder:
     async def _learn(self, cand: str) -> None:
         fut = self._inflight.get(cand)
         if fut is not None:
-            await fut
+            # Shielded: a waiter cancelled (jostled, shutdown) must not cancel the shared
+            # future under the fetch that asks and the other waiters.
+            await asyncio.shield(fut)
             return
         fut = asyncio.get_running_loop().create_future()
         self._inflight[cand] = fut
@@ -88,30 +97,31 @@ class SoaFinder:
             await self._ask(cand)
         finally:
             del self._inflight[cand]
-            fut.set_result(None)
+            if not fut.done():
+                fut.set_result(None)
 
     async def _ask(self, cand: str) -> None:
         self.lookups += 1
         pool = self.pools.pool_for(cand)
         try:
-            ans = await pool.query(cand or ".", 6)
+            ans = await pool.query(cand or ".", _SOA)
         except (ResolveFailed, UpstreamError):
             # Unknown; remember briefly so an outage or a refusing upstream does not cost an
             # extra query per negative answer.
-            self._remember(cand, time.monotonic() + _FAILED_TTL, None)
+            self._remember(cand, self.clock() + _FAILED_TTL, None)
             return
-        now = time.monotonic()
+        now = self.clock()
         soa, apex = None, cand
-        if ans.rcode == NOERROR:
+        if ans.rcode == _NOERROR:
             for rec in ans.answer:
-                if rec.type == 6 and rec.name.rstrip(".").lower() == cand:
+                if rec.type == _SOA and rec.name.rstrip(".").lower() == cand:
                     soa = rec
                     break
         if soa is None:
             # Not an apex: a NODATA/NXDOMAIN reply names the enclosing zone in its authority.
             for rec in ans.authority:
                 owner = rec.name.rstrip(".").lower()
-                if rec.type == 6 and (not owner or owner == cand
+                if rec.type == _SOA and (not owner or owner == cand
                                       or cand.endswith("." + owner)):
                     soa, apex = rec, owner
                     break

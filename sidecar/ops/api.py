@@ -10,12 +10,12 @@ reference, see :mod:`sidecar.ops.openapi`)::
     GET    /cache?name=N&type=T  the cached entry for N/T (type defaults to A), or 404
     DELETE /cache[?name=N[&type=T]]  flush everything, one name (every type), or one entry
     POST   /prewarm              {"names": [...], "types": ["A", "AAAA"]}: resolve into the cache
+    POST   /snapshot             write the cache snapshot (--cache-file) now
     GET    /openapi.json         the OpenAPI 3.1 document of this API
 
 The API only reads the sidecar's state, on the sidecar's own event loop; the DNS hot path
-never waits for it. Pre-warm goes through the resolver exactly like a cache miss, so its
-fetches are coalesced with live traffic and bounded by the resolver's concurrency limit as
-well as by :data:`PREWARM_CONCURRENCY`.
+never waits for it. Pre-warm batches run on the DNS side (:mod:`sidecar.miss.prewarm`,
+which owns their bounds and counters); entries are shown by :mod:`sidecar.ops.present`.
 
 Mutating calls (DELETE, POST) are guarded against browsers, which can be made to send
 requests here by any web page (a cross-origin ``text/plain`` or form POST needs no CORS
@@ -47,26 +47,31 @@ import ipaddress
 import json
 import logging
 import re
-import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from dnslib import QTYPE, RR, DNSRecord
 
 from sidecar.config import HostPort
 from sidecar.dns.cache import Entry
 from sidecar.dns.types import TYPE_NUMBERS
-from sidecar.dns.wire import RCODE_NAMES, RR_FIXED, make_key, skip_name
+from sidecar.dns.wire import make_key
 from sidecar.errors import StartupError, WireError
+from sidecar.miss.prewarm import (  # noqa: F401 (the limits, re-exported for the docs)
+    PREWARM_BACKLOG,
+    PREWARM_CONCURRENCY,
+    PREWARM_RESPONSE_BUDGET,
+    Pacer,
+)
 from sidecar.ops.metrics import CONTENT_TYPE_LATEST, make_registry, render
 from sidecar.ops.openapi import openapi_document
+from sidecar.ops.present import entry_json, entry_records, rcode_name, result_size
 from sidecar.ops.stats import not_ready_reasons, snapshot
 
 if TYPE_CHECKING:
-    from sidecar.server import Sidecar
+    from sidecar.server import DnsServer as Sidecar
 
 log = logging.getLogger("sidecar.api")
 
@@ -77,24 +82,12 @@ MAX_PREWARM_NAMES = 10_000
 #: Most lookups (distinct name and type pairs) one call may ask for (more: 400 naming
 #: ``names``): the names bound alone would let eleven types multiply a call's work.
 MAX_PREWARM_LOOKUPS = 20_000
-#: Most lookups admitted across the pre-warm calls in progress; a call that would pass it
-#: while others run is answered 429 (one call alone is always admitted).
-PREWARM_BACKLOG = 2 * MAX_PREWARM_LOOKUPS
-#: Most pre-warm lookups waiting on the resolver at once, all calls together; never more
-#: than a quarter of ``--max-inflight``, so live misses keep the rest of the slots.
-PREWARM_CONCURRENCY = 256
-#: Bytes of results (bounding their JSON) the pre-warm calls in progress may hold together;
-#: a result that does not fit is left out of its response and counted in ``omitted``. Large
-#: answers (60 KB TXT or A sets) would otherwise be held and serialised in full per name.
-PREWARM_RESPONSE_BUDGET = 32 * 1024 * 1024
 #: Seconds a refused (429) pre-warm call is told to wait, in ``Retry-After``.
 PREWARM_RETRY_AFTER = 1
 #: Types pre-warmed when the request names none.
 DEFAULT_PREWARM_TYPES = ("A", "AAAA")
 #: Seconds a stopping API waits for requests in progress before cancelling them.
 SHUTDOWN_TIMEOUT = 1.0
-#: Longest a pre-warm runs without letting the event loop (and so DNS) run, in seconds.
-SLICE_SECONDS = 0.002
 #: Results serialised between two yields to the event loop.
 YIELD_EVERY = 200
 
@@ -102,15 +95,9 @@ _SUPPORTED_TYPES = ", ".join(sorted(TYPE_NUMBERS))
 # A plain host name (no escapes): its cache key is built without make_key's per-character loop.
 _PLAIN_NAME = re.compile(r"[a-z0-9_*-]{1,63}(?:\.[a-z0-9_*-]{1,63})*")
 _TYPE_CLASS_IN = struct.Struct(">HH")
-_ADDRESS_FAMILIES = {1: socket.AF_INET, 28: socket.AF_INET6}
 _JSON = "application/json"
 #: Methods that change nothing: open to any Host, no body rules.
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-#: Upper bound of a pre-warm result's JSON without its name and records (keys, type, rcode,
-#: a ten-digit TTL, the separator before it).
-_RESULT_FIXED_BYTES = 96
-#: Record types whose presentation form (an address) needs no JSON escaping.
-_ADDRESS_TYPES = frozenset({"A", "AAAA"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -254,97 +241,30 @@ def parse_type(raw: object, field: str) -> str:
     return qtype
 
 
-def decode_entry(key: bytes, entry: Entry) -> DNSRecord:
-    """Parse a cache entry as a full DNS reply (ID 0), TTLs as of the entry's last render."""
-    return DNSRecord.parse(b"\x00\x00\x81" + entry.hdr + key + entry.body)
-
-
-def _rr_data(rr: RR) -> str:
-    if rr.rtype in (1, 28):
-        return str(ipaddress.ip_address(str(rr.rdata)))
-    return str(rr.rdata)
-
-
-def entry_records(key: bytes, entry: Entry, qtype: int) -> list[str]:
-    """The records a pre-warm reports for an entry: for A/AAAA the addresses at the end of
-    any CNAME chain (read straight from the wire bytes), for other types the rdata of the
-    answer records of that type in presentation form (via dnslib)."""
-    if qtype not in _ADDRESS_FAMILIES:
-        return final_records(decode_entry(key, entry), qtype)
-    family = _ADDRESS_FAMILIES[qtype]
-    msg = b"\x00\x00\x81" + entry.hdr + key + entry.body
-    count = int.from_bytes(entry.hdr[3:5], "big")
-    pos = 12 + len(key)
-    out = []
-    for _ in range(count):
-        pos = skip_name(msg, pos)
-        rtype, _rclass, _ttl, rdlen = RR_FIXED.unpack_from(msg, pos)
-        pos += 10
-        if rtype == qtype:
-            out.append(socket.inet_ntop(family, msg[pos : pos + rdlen]))
-        pos += rdlen
-    return out
-
-
-def final_records(msg: DNSRecord, qtype: int) -> list[str]:
-    """The rdata (presentation form) of the answer records of type ``qtype``: for A/AAAA
-    the addresses at the end of any CNAME chain."""
-    return [_rr_data(rr) for rr in msg.rr if rr.rtype == qtype]
-
-
-def _rr_json(rr: RR, aged: int) -> dict[str, Any]:
-    return {
-        "name": str(rr.rname).rstrip(".") or ".",
-        "type": QTYPE.get(rr.rtype, str(rr.rtype)),
-        "ttl": max(0, int(rr.ttl) - aged),
-        "data": _rr_data(rr),
-    }
-
-
-def _rcode_name(rcode: int) -> str:
-    return RCODE_NAMES.get(rcode, str(rcode))
-
-
 # ------------------------------------------------------------------ the server
 
 
 class ApiServer:
-    """The aiohttp application serving the API for one :class:`~sidecar.server.Sidecar`.
+    """The aiohttp application serving the API for one DNS side
+    (:class:`~sidecar.server.DnsServer`).
 
-    ``prewarm_calls``, ``prewarm_cached`` and ``prewarm_resolved`` count pre-warm calls and
-    their lookups answered from a fresh cache entry or through the resolver (the latter
-    coalesced with live traffic by the resolver); ``prewarm_inflight`` is the lookups of the
-    calls in progress, ``prewarm_bytes`` the bytes their results hold, ``prewarm_omitted``
-    the results left out for :data:`PREWARM_RESPONSE_BUDGET`. ``refused`` counts mutating
-    calls refused, by reason: ``host`` (421), ``content_type`` (415), ``token`` (401),
-    ``busy`` (429).
-
-    The limits are read from the module constants here, once; ``prewarm_concurrency`` is
-    also capped at a quarter of ``--max-inflight``.
+    ``refused`` counts mutating calls refused, by reason: ``host`` (421), ``content_type``
+    (415), ``token`` (401), ``busy`` (429). The pre-warm counters and bounds are the DNS
+    side's (:attr:`prewarmer`).
     """
 
     def __init__(self, sidecar: Sidecar) -> None:
         self.sidecar = sidecar
+        self.prewarmer = sidecar.prewarm
         token = sidecar.config.api_token
         self._token_digest = hashlib.sha256(token.encode()).digest() if token else None
         self.max_names = MAX_PREWARM_NAMES
         self.max_lookups = MAX_PREWARM_LOOKUPS
-        self.backlog = PREWARM_BACKLOG
-        self.response_budget = PREWARM_RESPONSE_BUDGET
-        self.prewarm_concurrency = max(1, min(PREWARM_CONCURRENCY,
-                                              sidecar.config.max_inflight // 4))
-        self._prewarm_slots = asyncio.Semaphore(self.prewarm_concurrency)
-        self.registry = make_registry(sidecar, self)
+        self.refused = {"host": 0, "content_type": 0, "token": 0, "busy": 0}
+        self.registry = make_registry(sidecar, self.refused)
         self.app = self._make_app()
         self._runner: web.AppRunner | None = None
         self.address: HostPort | None = None
-        self.prewarm_calls = 0
-        self.prewarm_cached = 0
-        self.prewarm_resolved = 0
-        self.prewarm_inflight = 0
-        self.prewarm_bytes = 0
-        self.prewarm_omitted = 0
-        self.refused = {"host": 0, "content_type": 0, "token": 0, "busy": 0}
 
     def _make_app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY,
@@ -356,6 +276,7 @@ class ApiServer:
         app.router.add_get("/cache", self.cache_get)
         app.router.add_delete("/cache", self.cache_delete)
         app.router.add_post("/prewarm", self.prewarm)
+        app.router.add_post("/snapshot", self.snapshot)
         app.router.add_get("/openapi.json", self.openapi)
         return app
 
@@ -502,9 +423,7 @@ class ApiServer:
     def stats_extra(self) -> dict[str, Any]:
         """The API's own part of ``/stats``: ``prewarm`` and ``api``."""
         return {
-            "prewarm": {"calls": self.prewarm_calls, "cached": self.prewarm_cached,
-                        "resolved": self.prewarm_resolved, "inflight": self.prewarm_inflight,
-                        "omitted": self.prewarm_omitted},
+            "prewarm": self.prewarmer.stats(),
             "api": {"refused": dict(self.refused)},
         }
 
@@ -523,8 +442,9 @@ class ApiServer:
         """The limits this server enforces, as :func:`sidecar.ops.openapi.openapi_document`
         takes them."""
         return {"max_names": self.max_names, "max_lookups": self.max_lookups,
-                "concurrency": self.prewarm_concurrency, "max_body": MAX_BODY,
-                "backlog": self.backlog, "response_budget": self.response_budget,
+                "concurrency": self.prewarmer.concurrency, "max_body": MAX_BODY,
+                "backlog": self.prewarmer.backlog,
+                "response_budget": self.prewarmer.response_budget,
                 "retry_after": PREWARM_RETRY_AFTER}
 
     # -------------------------------------------------------------- cache
@@ -546,25 +466,7 @@ class ApiServer:
         entry = self.sidecar.cache.get(key)
         if entry is None:
             raise ApiError(404, f"name: {name}/{qtype} is not in the cache")
-        now = time.monotonic()
-        body_age = entry.age  # the body's TTLs are as of this many s after storage
-        msg = decode_entry(key, entry)
-        age = now - entry.stored
-        aged = max(0, int(age) - body_age)
-        expires_in = entry.expires - now
-        return web.json_response({
-            "name": name,
-            "type": qtype,
-            "rcode": _rcode_name(entry.rcode),
-            "ttl": max(0, int(expires_in)),
-            "expires_in": round(expires_in, 3),
-            "age": round(age, 3),
-            "stale": expires_in <= 0,
-            "records": final_records(msg, TYPE_NUMBERS[qtype]),
-            "answer": [_rr_json(rr, aged) for rr in msg.rr],
-            "authority": [_rr_json(rr, aged) for rr in msg.auth],
-            "additional": [_rr_json(rr, aged) for rr in msg.ar],
-        })
+        return web.json_response(entry_json(name, qtype, key, entry, self.sidecar.cache.clock()))
 
     async def cache_delete(self, request: web.Request) -> web.Response:
         """Flush: everything (no ``name``), every type of ``name``, or only ``name``/``type``.
@@ -590,6 +492,22 @@ class ApiServer:
         deleted = cache.delete_name(cache_key(name, 1)[:-4])
         log.info("API: cache entries of %s deleted (%d)", name, deleted)
         return web.json_response({"deleted": deleted, "name": name})
+
+    # -------------------------------------------------------------- snapshot
+
+    async def snapshot(self, request: web.Request) -> web.Response:
+        """Write the cache snapshot now (``--cache-file``): 200 with what was written, 404
+        without a cache file, 503 when the save failed (the previous file is kept)."""
+        store = self.sidecar.snapshot
+        if store is None:
+            raise ApiError(404, "snapshot: no --cache-file is configured")
+        result = await store.save()
+        if not result.ok:
+            raise ApiError(503, f"snapshot: the save failed ({result.error}); the previous"
+                           " file is kept")
+        return web.json_response({"path": str(store.path), "entries": result.entries,
+                                  "skipped": result.skipped, "bytes": result.bytes,
+                                  "seconds": round(result.seconds, 6)})
 
     # -------------------------------------------------------------- pre-warm
 
@@ -621,7 +539,7 @@ class ApiServer:
             raise ApiError(400, "types: must not be empty")
         types = list(dict.fromkeys(parse_type(t, f"types[{i}]") for i, t in enumerate(raw_types)))
         names: dict[str, None] = {}
-        pacer = _Pacer()
+        pacer = Pacer()
         for i, raw in enumerate(raw_names):
             names[parse_name(raw, f"names[{i}]")] = None
             if pacer.due():
@@ -637,31 +555,44 @@ class ApiServer:
         rcode, records and remaining TTL, in request order (duplicates once), plus
         ``elapsed_ms`` and ``omitted`` (results left out for the response budget).
 
-        Three passes keep the event loop (and so DNS) responsive however large the batch:
-        fresh cache entries are picked up serially, the rest go through the resolver
-        (:data:`PREWARM_CONCURRENCY` at a time over all calls, doing nothing else while they
-        wait), and the results are serialised in slices; the serial passes yield every
-        :data:`SLICE_SECONDS`. Each result is built as soon as its entry is there, so a call
-        holds results, never entries (which can be 64 KB each).
+        The batch runs on the DNS side (:class:`sidecar.miss.prewarm.Prewarmer`, its
+        bounds and counters); here the request is validated and the results are serialised
+        in slices, so the event loop (and so DNS) stays responsive however large the batch.
         """
         t0 = time.perf_counter()
         names, types = await self._parse_prewarm(await self._read_json(request))
         jobs = [(name, qtype) for name in names for qtype in types]
-        if self.prewarm_inflight and self.prewarm_inflight + len(jobs) > self.backlog:
+        pw = self.prewarmer
+        if not pw.admit(len(jobs)):
             self.refused["busy"] += 1
             raise ApiError(429, f"names: {len(jobs)} lookups would pass the pre-warm backlog"
-                           f" ({self.prewarm_inflight} of {self.backlog} in progress); retry"
-                           " later", {"Retry-After": str(PREWARM_RETRY_AFTER)})
-        self.prewarm_inflight += len(jobs)
-        budget = _Budget(self)
+                           f" ({pw.inflight} of {pw.backlog} in progress); retry later",
+                           {"Retry-After": str(PREWARM_RETRY_AFTER)})
+        qtypes = [TYPE_NUMBERS[qtype] for _name, qtype in jobs]
+        keys = [cache_key(name, qt) for (name, _qtype), qt in zip(jobs, qtypes, strict=True)]
+        no_aaaa_ttl = self.sidecar.config.max_negative_ttl
+        now = self.sidecar.cache.clock
+
+        def result(i: int, entry: Entry | None) -> dict[str, Any]:
+            name, qtype = jobs[i]
+            if entry is None:  # --no-aaaa's local NODATA
+                return {"name": name, "type": qtype, "rcode": "NOERROR", "ttl": no_aaaa_ttl,
+                        "records": []}
+            try:
+                records = entry_records(keys[i], entry, qtypes[i])
+            except Exception:  # an entry that cannot be parsed: report the rcode, no records
+                log.exception("cannot decode the cache entry of %s/%s", name, qtype)
+                records = []
+            return {"name": name, "type": qtype, "rcode": rcode_name(entry.rcode),
+                    "ttl": entry.ttl_at(now()), "records": records}
+
+        results: list[dict[str, Any] | None] | None = None
+        held = 0
         try:
-            results = await self._prewarm_jobs(jobs, budget)
-            self.prewarm_calls += 1
+            results, held = await pw.run(keys, qtypes, result, result_size)
             kept = [r for r in results if r is not None]
             omitted = len(results) - len(kept)
-            self.prewarm_omitted += omitted
             elapsed_ms = round((time.perf_counter() - t0) * 1000.0, 3)
-            # Serialised in slices (20000 results take ~40 ms in one go).
             parts = []
             for i in range(0, len(kept), YIELD_EVERY):
                 parts.append(json.dumps(kept[i : i + YIELD_EVERY])[1:-1])
@@ -669,117 +600,5 @@ class ApiServer:
             text = (f'{{"elapsed_ms": {json.dumps(elapsed_ms)}, "omitted": {omitted},'
                     f' "results": [{", ".join(parts)}]}}')
         finally:
-            self.prewarm_inflight -= len(jobs)
-            budget.release()
+            pw.finish(len(jobs), results, held)
         return web.Response(text=text, content_type=_JSON)
-
-    async def _prewarm_jobs(self, jobs: list[tuple[str, str]],
-                            budget: _Budget) -> list[dict[str, Any] | None]:
-        """The result of each job, None where :data:`PREWARM_RESPONSE_BUDGET` left no room."""
-        results: list[dict[str, Any] | None] = [None] * len(jobs)
-        keys: list[bytes] = [b""] * len(jobs)
-        misses: list[int] = []
-        sc = self.sidecar
-        no_aaaa = sc.config.no_aaaa
-        pacer = _Pacer()
-        now = time.monotonic()
-        for i, (name, qtype) in enumerate(jobs):
-            if qtype == "AAAA" and no_aaaa:
-                # --no-aaaa: the DNS path answers NODATA without asking anyone
-                results[i] = budget.take(self._prewarm_result(name, qtype, b"", None))
-                continue
-            keys[i] = key = cache_key(name, TYPE_NUMBERS[qtype])
-            entry = sc.cache.get(key)
-            if entry is not None and entry.expires > now:
-                results[i] = budget.take(self._prewarm_result(name, qtype, key, entry))
-            else:
-                misses.append(i)
-            if pacer.due():
-                await pacer.pause()
-                now = time.monotonic()
-        self.prewarm_cached += len(jobs) - len(misses)
-        self.prewarm_resolved += len(misses)
-
-        todo = iter(misses)
-        slots = self._prewarm_slots
-
-        async def worker() -> None:
-            for i in todo:
-                async with slots:
-                    raw, _stale = await sc.resolver.resolve(keys[i])
-                name, qtype = jobs[i]
-                results[i] = budget.take(self._prewarm_result(name, qtype, keys[i],
-                                                              Entry._make(raw)))
-
-        workers = min(self.prewarm_concurrency, len(misses))
-        if workers:
-            await asyncio.gather(*(worker() for _ in range(workers)))
-        return results
-
-    def _prewarm_result(self, name: str, qtype: str, key: bytes,
-                        entry: Entry | None) -> dict[str, Any]:
-        """One element of ``results``; ``entry`` None means --no-aaaa's local NODATA."""
-        if entry is None:
-            return {"name": name, "type": qtype, "rcode": "NOERROR",
-                    "ttl": self.sidecar.config.max_negative_ttl, "records": []}
-        try:
-            records = entry_records(key, entry, TYPE_NUMBERS[qtype])
-        except Exception:  # an entry that cannot be parsed: report the rcode, no records
-            log.exception("cannot decode the cache entry of %s/%s", name, qtype)
-            records = []
-        return {"name": name, "type": qtype, "rcode": _rcode_name(entry.rcode),
-                "ttl": int(entry.ttl), "records": records}
-
-
-def result_size(result: dict[str, Any]) -> int:
-    """An upper bound of the bytes ``result`` takes in a pre-warm response (names are
-    printable ASCII, so at worst every character is escaped as two; addresses need no
-    escaping; other records are measured)."""
-    records = result["records"]
-    if result["type"] in _ADDRESS_TYPES:
-        size = sum(map(len, records)) + 4 * len(records)
-    else:
-        size = sum(len(json.dumps(r)) + 2 for r in records)
-    return _RESULT_FIXED_BYTES + 2 * len(result["name"]) + size
-
-
-class _Budget:
-    """One call's share of :data:`PREWARM_RESPONSE_BUDGET`, returned by ``release()``."""
-
-    __slots__ = ("_held", "_server")
-
-    def __init__(self, server: ApiServer) -> None:
-        self._server = server
-        self._held = 0
-
-    def take(self, result: dict[str, Any]) -> dict[str, Any] | None:
-        """``result`` when its bytes fit in what the calls in progress have left, else
-        None (left out)."""
-        size = result_size(result)
-        server = self._server
-        if server.prewarm_bytes + size > server.response_budget:
-            return None
-        server.prewarm_bytes += size
-        self._held += size
-        return result
-
-    def release(self) -> None:
-        self._server.prewarm_bytes -= self._held
-        self._held = 0
-
-
-class _Pacer:
-    """Tells a long synchronous loop when it has run :data:`SLICE_SECONDS` and should let
-    the event loop run (``await pause()``)."""
-
-    __slots__ = ("_until",)
-
-    def __init__(self) -> None:
-        self._until = time.perf_counter() + SLICE_SECONDS
-
-    def due(self) -> bool:
-        return time.perf_counter() >= self._until
-
-    async def pause(self) -> None:
-        await asyncio.sleep(0)
-        self._until = time.perf_counter() + SLICE_SECONDS

@@ -15,7 +15,7 @@ histograms in seconds. Labels: ``proto`` (udp, tcp), ``rcode`` (NOERROR, NXDOMAI
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -31,8 +31,7 @@ from sidecar.ops import stats
 from sidecar.upstream.latency import BUCKETS
 
 if TYPE_CHECKING:
-    from sidecar.ops.api import ApiServer
-    from sidecar.server import Sidecar
+    from sidecar.ops.stats import StatsSource
 
 PREFIX = "dns_sidecar_"
 
@@ -69,12 +68,12 @@ def histogram_buckets(per_bucket: list[int], count: int) -> list[tuple[str, floa
 
 
 class SidecarCollector:
-    """Reads a :class:`~sidecar.server.Sidecar` at scrape time. ``api`` (optional) is the
-    :class:`~sidecar.ops.api.ApiServer`, for the pre-warm counters."""
+    """Reads a :class:`~sidecar.ops.stats.StatsSource` (the DNS side) at scrape time.
+    ``refused`` (optional) is the API's count of refused mutating calls, by reason."""
 
-    def __init__(self, sidecar: Sidecar, api: ApiServer | None = None) -> None:
+    def __init__(self, sidecar: StatsSource, refused: Mapping[str, int] | None = None) -> None:
         self.sidecar = sidecar
-        self.api = api
+        self.refused = refused
 
     def describe(self) -> list[Metric]:
         """Nothing up front: the label sets depend on the configuration (collect decides)."""
@@ -105,8 +104,8 @@ class SidecarCollector:
                        " limit (--rate-limit).", handler.ratelimited)
         m = _counter("listener_errors", "Errors on the DNS sockets, by transport.",
                      labels=("proto",))
-        m.add_metric(["udp"], udp["errors"])
-        m.add_metric(["tcp"], tcp["errors"])
+        m.add_metric(["udp"], udp["errors"] or 0)
+        m.add_metric(["tcp"], tcp["errors"] or 0)
         yield m
 
         yield _counter("cache_hits", "Queries answered from a fresh cache entry.", cache.hits)
@@ -154,30 +153,84 @@ class SidecarCollector:
         yield _gauge("udp_receive_buffer_bytes", "Receive buffer the kernel granted each DNS"
                      " UDP socket (SO_RCVBUF, bytes).", udp["rcvbuf"])
 
-        if self.api is not None:
-            m = _counter("prewarm_lookups", "Pre-warm lookups (name and type), by where the"
-                         " answer came from.", labels=("source",))
-            m.add_metric(["cache"], self.api.prewarm_cached)
-            m.add_metric(["resolver"], self.api.prewarm_resolved)
-            yield m
-            yield _counter("prewarm_requests", "POST /prewarm calls answered.",
-                           self.api.prewarm_calls)
-            yield _gauge("prewarm_inflight", "Lookups of the POST /prewarm calls in progress.",
-                         self.api.prewarm_inflight)
-            yield _counter("prewarm_omitted", "Pre-warm results left out of their response"
-                           " for the response budget.", self.api.prewarm_omitted)
+        pw = sc.prewarm
+        m = _counter("prewarm_lookups", "Pre-warm lookups (name and type), by where the"
+                     " answer came from.", labels=("source",))
+        m.add_metric(["cache"], pw.cached)
+        m.add_metric(["resolver"], pw.resolved)
+        yield m
+        yield _counter("prewarm_requests", "POST /prewarm calls answered.", pw.calls)
+        yield _gauge("prewarm_inflight", "Lookups of the POST /prewarm calls in progress.",
+                     pw.inflight)
+        yield _counter("prewarm_omitted", "Pre-warm results left out of their response"
+                       " for the response budget.", pw.omitted)
+        if self.refused is not None:
             m = _counter("api_refused", "Mutating API calls refused, by reason: host (421),"
                          " content_type (415), token (401), busy (429).", labels=("reason",))
-            for reason, n in self.api.refused.items():
+            for reason, n in self.refused.items():
                 m.add_metric([reason], n)
             yield m
+
+        yield from self._snapshot()
+        yield from self._shared()
 
         yield _gauge("ready", "1 when ready (every pool has a healthy upstream, not in lame"
                      " duck), else 0.", 1.0 if sc.ready else 0.0)
         yield _gauge("uptime_seconds", "Seconds since the sidecar started serving.", sc.uptime)
-        m = _gauge("build_info", "Always 1; the version is in the label.", labels=("version",))
-        m.add_metric([_version()], 1.0)
+        info = _gauge("build_info", "Always 1; the version is in the label.", labels=("version",))
+        info.add_metric([_version()], 1.0)
+        yield info
+
+    def _snapshot(self) -> Iterator[Metric]:
+        store = self.sidecar.snapshot
+        if store is None:
+            return
+        st = store.stats()
+        yield _gauge("snapshot_entries_loaded", "Cache entries loaded from --cache-file at"
+                     " start.", st["entries_loaded"])
+        if st["snapshot_age"] is not None:
+            yield _gauge("snapshot_age_seconds", "Age of the newest snapshot on disk"
+                         " (written by this process or the one before).", st["snapshot_age"])
+        if st["last_save_seconds"] is not None:
+            yield _gauge("snapshot_save_duration_seconds", "Duration of the last successful"
+                         " snapshot save.", st["last_save_seconds"])
+            yield _gauge("snapshot_size_bytes", "Size of the last snapshot written.",
+                         st["last_save_bytes"])
+        yield _counter("snapshot_saves", "Snapshot saves that succeeded.", st["saves"])
+        yield _counter("snapshot_save_errors", "Snapshot saves that failed (the previous file"
+                       " is kept).", st["save_errors"])
+
+    def _shared(self) -> Iterator[Metric]:
+        shared = self.sidecar.shared
+        if shared is None:
+            return
+        st = shared.stats()
+        yield _counter("shared_cache_hits", "Shared-cache lookups answered.", st["hits"])
+        yield _counter("shared_cache_misses", "Shared-cache lookups not answered.",
+                       st["misses"])
+        yield _counter("shared_cache_skipped", "Shared-cache lookups skipped (breaker open or"
+                       " too many in flight).", st["skipped"] + st["busy"])
+        yield _counter("shared_cache_writes", "Values written to the shared cache.",
+                       st["writes"])
+        yield _counter("shared_cache_write_drops", "Writes dropped (bound or breaker).",
+                       st["write_drops"])
+        m = _counter("shared_cache_errors", "Shared-cache errors, by kind.", labels=("kind",))
+        for kind, n in st["errors"].items():
+            m.add_metric([kind], n)
         yield m
+        yield _gauge("shared_cache_up", "1 while the breaker is closed (the shared cache is"
+                     " used), else 0.", 1.0 if st["state"] == "closed" else 0.0)
+        yield _counter("shared_cache_breaker_opened", "Times the breaker opened.",
+                       st["breaker_opened"])
+        m = _counter("shared_cache_leases", "Fleet leases, by outcome.", labels=("outcome",))
+        for outcome, n in st["leases"].items():
+            m.add_metric([outcome], n)
+        yield m
+        rtt = shared.rtt
+        yield HistogramMetricFamily(
+            PREFIX + "shared_cache_request_duration_seconds",
+            "Round-trip time of shared-cache commands.",
+            buckets=histogram_buckets(list(rtt.buckets), rtt.count), sum_value=rtt.total)
 
     def _upstreams(self) -> Iterator[Metric]:
         labels = ("pool", "server")
@@ -216,12 +269,12 @@ class SidecarCollector:
                     pool_failures)
 
 
-def make_registry(sidecar: Sidecar, api: ApiServer | None = None, *,
+def make_registry(sidecar: StatsSource, refused: Mapping[str, int] | None = None, *,
                   process: bool = True) -> CollectorRegistry:
     """A private registry holding a :class:`SidecarCollector` (and, with ``process``, the
     standard ``process_*`` metrics: CPU seconds, resident memory, open fds, start time)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SidecarCollector(sidecar, api))
+    registry.register(SidecarCollector(sidecar, refused))
     if process:
         from prometheus_client import ProcessCollector
 

@@ -204,6 +204,14 @@ def _schemas(max_names: int, max_lookups: int, response_budget: int) -> dict[str
                         "description": "one per distinct (name, type), in request order,"
                                        " except those omitted"},
         }, additional=False),
+        "SnapshotSaved": _obj({
+            "path": {"type": "string", "description": "the --cache-file written"},
+            "entries": {**_INT, "description": "entries written"},
+            "skipped": {**_INT, "description": "entries left out (expired beyond the"
+                                               " serve-stale window, SERVFAIL, too large)"},
+            "bytes": {**_INT, "description": "file size"},
+            "seconds": {"type": "number", "minimum": 0, "description": "time the save took"},
+        }, additional=False),
     }
 
 
@@ -289,6 +297,21 @@ def _paths(concurrency: int, max_body: int, max_lookups: int, backlog: int,
                                   "headers": {"Retry-After": {
                                       "schema": {"type": "integer", "minimum": 1},
                                       "description": f"seconds ({retry_after})"}}}},
+        }},
+        "/snapshot": {"post": {
+            "summary": "Write the cache snapshot (--cache-file) now",
+            "description": "Atomically (temporary file, fsync, rename); answers run on"
+                           " meanwhile. Use it before replacing the process (docs/snapshot.md)."
+                           " The body is an empty JSON object: every POST carries"
+                           " application/json (a browser guard).",
+            "security": [{"bearer": []}],
+            "requestBody": {"required": True, "content": {
+                "application/json": {"schema": {"type": "object"}}}},
+            "responses": {"200": _json("SnapshotSaved", "the snapshot was written"),
+                          **_AUTH_RESPONSES,
+                          "404": _err("no --cache-file is configured"),
+                          "415": _err("Content-Type is not application/json"),
+                          "503": _err("the save failed (the previous file is kept)")},
         }},
         "/openapi.json": {"get": {
             "summary": "This document",

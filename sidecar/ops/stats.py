@@ -9,14 +9,45 @@ that owns those counters, so a snapshot is consistent (no DNS work interleaves w
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sidecar.dns.wire import RCODE_NAMES
 from sidecar.ops import udpdrops as kernel
 
 if TYPE_CHECKING:
-    from sidecar.server import Sidecar
+    from sidecar.dns.cache import Cache
+    from sidecar.dns.handler import QueryHandler
+    from sidecar.dns.listeners import TcpListener, UdpListener
+    from sidecar.fleet.client import SharedCache
+    from sidecar.miss.fetch import Resolver
+    from sidecar.miss.prewarm import Prewarmer
+    from sidecar.persist.store import SnapshotStore
     from sidecar.upstream.nameserver import Upstream
+    from sidecar.upstream.pool import PoolSet
+
+
+class StatsSource(Protocol):
+    """What ``/stats``, ``/readyz`` and ``/metrics`` read of the DNS side: its units and
+    its state, never how it is built (:class:`sidecar.server.DnsServer` satisfies it)."""
+
+    cache: Cache
+    handler: QueryHandler
+    resolver: Resolver
+    pools: PoolSet
+    prewarm: Prewarmer
+    snapshot: SnapshotStore | None
+    shared: SharedCache | None
+    udp: list[UdpListener]
+    tcp: list[TcpListener]
+    udp_rcvbuf: int
+    serving: bool
+    lameduck: bool
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def uptime(self) -> float: ...
 
 #: Upstream outcomes that are failures, reported under ``errors`` in ``/stats``.
 ERROR_KINDS = ("timeout", "servfail", "refused", "unreachable", "error")
@@ -29,14 +60,14 @@ SIDECAR_REASON_KEY = "sidecar"
 STATS_RCODES = ("noerror", "formerr", "servfail", "nxdomain", "notimp", "refused")
 
 
-def transport_counts(sidecar: Sidecar) -> dict[str, int]:
+def transport_counts(sidecar: StatsSource) -> dict[str, int]:
     """DNS messages received per transport: ``{"udp": n, "tcp": n}`` (datagrams, and
     length-prefixed messages over all TCP connections)."""
     return {"udp": sum(u.received for u in sidecar.udp),
             "tcp": sum(t.received for t in sidecar.tcp)}
 
 
-def rcode_counts(sidecar: Sidecar) -> dict[str, int]:
+def rcode_counts(sidecar: StatsSource) -> dict[str, int]:
     """Replies sent per RCODE name (``"NOERROR"``, ``"NXDOMAIN"``, ...).
 
     Every RCODE with a name is listed, even at 0 (so dashboards see the series from the
@@ -54,14 +85,14 @@ def hit_ratio(hits: int, misses: int) -> float:
     return hits / total if total else 0.0
 
 
-def iter_upstreams(sidecar: Sidecar) -> Iterator[tuple[str, Upstream]]:
+def iter_upstreams(sidecar: StatsSource) -> Iterator[tuple[str, Upstream]]:
     """``(pool label, upstream)`` for every upstream of every pool, default pool first."""
     for pool in sidecar.pools.pools:
         for upstream in pool.upstreams:
             yield pool.label, upstream
 
 
-def pool_stats(sidecar: Sidecar) -> list[dict[str, Any]]:
+def pool_stats(sidecar: StatsSource) -> list[dict[str, Any]]:
     """``/stats`` ``pools``: per pool (default first) its label, number of upstreams, how
     many are healthy, and the queries none of them answered."""
     return [{"pool": p.label, "upstreams": len(p.upstreams), "healthy": p.healthy_count(),
@@ -101,7 +132,7 @@ def upstream_stats(pool: str, upstream: Upstream) -> dict[str, Any]:
     }
 
 
-def tcp_stats(sidecar: Sidecar) -> dict[str, int]:
+def tcp_stats(sidecar: StatsSource) -> dict[str, int]:
     """``/stats`` ``tcp``, summed over the TCP listeners: connections open now, and since
     start accepted, rejected (connection bounds, all and per client), closed for idleness,
     and errors; of the guards: ``denied`` (outside ``--allow``, closed at accept),
@@ -123,7 +154,7 @@ def tcp_stats(sidecar: Sidecar) -> dict[str, int]:
     }
 
 
-def udp_stats(sidecar: Sidecar) -> dict[str, int | None]:
+def udp_stats(sidecar: StatsSource) -> dict[str, int | None]:
     """``/stats`` ``udp``: socket errors (summed over the UDP listeners); ``kernel_drops``,
     datagrams the kernel dropped on those sockets; ``rcvbuf``, the receive buffer the kernel
     granted each socket (bytes); ``host_rcvbuf_errors``, datagrams dropped for a full receive
@@ -138,7 +169,7 @@ def udp_stats(sidecar: Sidecar) -> dict[str, int | None]:
     }
 
 
-def not_ready_reasons(sidecar: Sidecar) -> dict[str, str]:
+def not_ready_reasons(sidecar: StatsSource) -> dict[str, str]:
     """Why the sidecar is not ready, keyed by pool label (``"."`` is the default pool);
     process-wide reasons (lame duck, not serving) are under the key ``"sidecar"``.
     Empty when it is ready."""
@@ -158,7 +189,7 @@ def not_ready_reasons(sidecar: Sidecar) -> dict[str, str]:
     return reasons
 
 
-def snapshot(sidecar: Sidecar, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def snapshot(sidecar: StatsSource, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``/stats`` document (see the contract): counters since start, times in seconds
     unless the key says ``_ms``. ``extra`` is merged in at the top level."""
     cache = sidecar.cache
@@ -214,6 +245,10 @@ def snapshot(sidecar: Sidecar, extra: dict[str, Any] | None = None) -> dict[str,
         "udp": udp_stats(sidecar),
         "udp_rcvbuf": sidecar.udp_rcvbuf,
     }
+    if sidecar.snapshot is not None:
+        doc["snapshot"] = sidecar.snapshot.stats()
+    if sidecar.shared is not None:
+        doc["shared_cache"] = sidecar.shared.stats()
     if extra:
         doc.update(extra)
     return doc

@@ -197,7 +197,7 @@ class _NameDict(dict):
             self[k] = v
 
 
-class _NameSet(set):
+class _NameSet(set[str]):
     """set of canonical names (lowercased, trailing dot stripped)."""
 
     def __init__(self, data: Iterable[str] = ()) -> None:
@@ -206,8 +206,8 @@ class _NameSet(set):
     def add(self, name: str) -> None:
         super().add(_canon(name))
 
-    def discard(self, name: str) -> None:
-        super().discard(_canon(name))
+    def discard(self, name: object) -> None:
+        super().discard(_canon(name) if isinstance(name, str) else name)
 
     def remove(self, name: str) -> None:
         super().remove(_canon(name))
@@ -215,7 +215,7 @@ class _NameSet(set):
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and super().__contains__(_canon(name))
 
-    def update(self, *others: Iterable[str]) -> None:  # type: ignore[override]
+    def update(self, *others: Iterable[str]) -> None:
         for other in others:
             super().update(_canon(n) for n in other)
 
@@ -223,11 +223,11 @@ class _NameSet(set):
         for other in others:
             super().difference_update(_canon(n) for n in other)
 
-    def __ior__(self, other: Any) -> _NameSet:  # type: ignore[override]
+    def __ior__(self, other: Any) -> _NameSet:  # type: ignore[override,misc]
         self.update(other)
         return self
 
-    def __isub__(self, other: Any) -> _NameSet:  # type: ignore[override]
+    def __isub__(self, other: Any) -> _NameSet:  # type: ignore[misc]
         self.difference_update(other)
         return self
 

@@ -2,7 +2,7 @@
 
 c-ares >= 1.31 keeps a query cache that is on by default and that pycares 5 gives no argument
 for. Left on, a refresh, a prefetch or a health probe within the record's TTL is answered from
-that cache and never reaches the upstream (measured: three identical ``query_dns`` calls, one
+that cache and never reaches the upstream (three identical ``query_dns`` calls send one
 packet). c-ares also shrinks its per-try timeout to max(250 ms, 5 x RTT) once a server looks
 fast. We therefore add three options pycares does not expose, through ``ares_init_options``:
 ``ARES_OPT_QUERY_CACHE`` with ``qcache_max_ttl = 0`` (cache off), ``ARES_OPT_MAXTIMEOUTMS``
@@ -84,13 +84,9 @@ class LoopResolver(aiodns.DNSResolver):
     (GIL hand-off, ``call_soon_threadsafe``, a self-pipe wake-up). aiodns keeps a
     ``sock_state_cb`` mode (``loop.add_reader`` + ``process_fd``) for platforms without that
     thread; this class always uses it, and times c-ares' retransmissions from
-    ``ares_timeout`` (at most :data:`TIMER_TICK` apart) instead of aiodns's fixed tick.
-
-    Measured on the 2-core bench machine, same hour, 3 rounds each: sidecar CPU per cache
-    miss (``bench/miss_micro.py``, 1,000 misses at once, sidecar on one core) 174-255 us with
-    the event thread, 139-159 us loop-driven; crawler CPU per ``getaddrinfo`` through the
-    client (``bench/client_micro.py``, 500 lookups at once, 4 rounds) 228-297 us with the
-    event thread, 172-206 us loop-driven.
+    ``ares_timeout`` (at most :data:`TIMER_TICK` apart) instead of aiodns's fixed tick. A
+    reply is then handled in the loop pass that reads it, with no thread hand-off (the CPU
+    this saves per miss and per client lookup is in docs/benchmarks.md).
     The client (:mod:`client.resolver`) uses this class too: one implementation of the
     loop-driven channel. Where aiodns lacks the hooks this needs (or on Windows, where the
     proactor loop has no ``add_reader``) it is a plain aiodns resolver on the event thread.
@@ -108,8 +104,7 @@ class LoopResolver(aiodns.DNSResolver):
 
         pycares hands c-ares the port as a string, and without ``ARES_AI_NUMERICSERV``
         c-ares first looks it up as a service name, i.e. glibc reads and parses
-        /etc/services on every lookup. Measured through the client (1,000 lookups at once,
-        4 rounds): 145-154 us of crawler CPU per lookup without the flag, 94-113 us with it.
+        /etc/services on every lookup.
         """
         if isinstance(port, int):
             flags |= ARES_AI_NUMERICSERV
@@ -184,9 +179,8 @@ def make_resolver(server: str, timeout: float, tries: int = 1,
     then max(250 ms, 5 x mean RTT), never longer than ``max_timeout`` (default ``timeout``).
     The sidecar enforces its own deadline per try (``upstream._Try``) and decides about
     resending. ``rcvbuf`` sets SO_RCVBUF on each socket; the default leaves the kernel's:
-    a socket carries one query, so replies no longer pile up on one socket in a burst
-    (they did with a shared socket: 1,000 of them overflowed the 208 KiB default). The
-    channel is a :class:`LoopResolver`.
+    a socket carries one query, so a burst of replies does not pile up in one socket's
+    buffer. The channel is a :class:`LoopResolver`.
     """
     global qcache_disabled, per_query_ports
     # EDNS(0): fewer answers need a TCP round trip, and c-ares then sends DNS cookies

@@ -5,15 +5,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiodns
-import pycares
 from aiodns.error import DNSError
+from pycares.errno import (
+    ARES_EBADNAME,
+    ARES_EBADRESP,
+    ARES_ECANCELLED,
+    ARES_ECONNREFUSED,
+    ARES_ENODATA,
+    ARES_ENOTFOUND,
+    ARES_EREFUSED,
+    ARES_ESERVFAIL,
+    ARES_ETIMEOUT,
+    ARES_SUCCESS,
+    strerror,
+)
 
 from sidecar.config import HostPort
-from sidecar.dns.types import FORWARDABLE
-from sidecar.dns.wire import NOERROR, NXDOMAIN
+from sidecar.dns.types import FORWARDABLE, Rcode, RRType
 from sidecar.errors import UpstreamError
 from sidecar.upstream import query as caresquery
 from sidecar.upstream.cares import make_resolver
@@ -24,12 +36,14 @@ from sidecar.upstream.records import Answer, rec_from_pycares
 log = logging.getLogger("sidecar.upstream")
 errlog = logging.getLogger("sidecar.resolver_errors")
 
-# c-ares status codes (pycares.errno) -> what they mean for us.
-_OK = 0
-_ENODATA, _ESERVFAIL, _ENOTFOUND, _EREFUSED, _EBADNAME = 1, 3, 4, 6, 8
-_EBADRESP, _ECONNREFUSED, _ETIMEOUT, _ECANCELLED = 10, 11, 12, 24
-_FAILURE_KINDS = {_ESERVFAIL: "servfail", _EREFUSED: "refused", _ECONNREFUSED: "unreachable",
-                  _ETIMEOUT: "timeout"}
+# Plain ints (not IntEnum members): Answer.rcode ends up in cache entries, which must stay
+# tuples of atomic values (see sidecar.dns.cache.Entry).
+NOERROR = int(Rcode.NOERROR)
+NXDOMAIN = int(Rcode.NXDOMAIN)
+
+#: c-ares status codes (pycares.errno) -> the failure kind they count as.
+_FAILURE_KINDS = {ARES_ESERVFAIL: "servfail", ARES_EREFUSED: "refused",
+                  ARES_ECONNREFUSED: "unreachable", ARES_ETIMEOUT: "timeout"}
 #: Failures that say the server itself is not usable (they count towards quarantine).
 #: SERVFAIL and REFUSED do not: both are often about one name (broken authorities, a policy
 #: zone), and a resolver that answers at all is alive. They still fail over to the next server.
@@ -40,7 +54,7 @@ LOG_EVERY = 1.0
 #: Stands for "no answer within the try's timeout" where a c-ares status is expected.
 _TIMED_OUT = -1
 #: Replies that c-ares records in the server's RTT metrics (NOERROR or NXDOMAIN answers).
-_ANSWERED = (_OK, _ENODATA, _ENOTFOUND)
+_ANSWERED = (ARES_SUCCESS, ARES_ENODATA, ARES_ENOTFOUND)
 #: A fresh c-ares channel times a query with its configured timeout until the server has
 #: this many answers in its metrics (c-ares ares_metrics.c ``MIN_COUNT_FOR_AVERAGE``).
 CARES_MIN_COUNT = 3
@@ -51,12 +65,18 @@ RESEND_MIN = 0.02
 RESEND_SHARE = 0.125
 
 
+def _strerror(code: int) -> str:
+    """c-ares' message for a status code (pycares may hand it over as bytes)."""
+    msg = strerror(code)
+    return msg if isinstance(msg, str) else msg.decode("latin-1")
+
+
 def _fallback_result(fut: asyncio.Future) -> tuple[int, Any]:
     """(code, sections) of a finished ``_ask_query_dns`` task."""
     if fut.cancelled():
-        return _ECANCELLED, None
+        return ARES_ECANCELLED, None
     if fut.exception() is not None:
-        return _EBADRESP, None
+        return ARES_EBADRESP, None
     return fut.result()
 
 
@@ -124,7 +144,7 @@ class _Try:
 
     def reply(self, code: int, sections: Any) -> None:
         self.pending -= 1
-        if code == _ETIMEOUT:
+        if code == ARES_ETIMEOUT:
             if self.pending:
                 return  # c-ares gave up on one packet; the other may still be answered
             if not self.resent and self.resend():
@@ -174,45 +194,31 @@ class Upstream:
         self._main_answers = 0  # answers c-ares has measured on the main channel
         self.resends = 0  # second packets of a try (see _Try)
         self.queries = 0
-        self.inflight = 0
+        #: The tries in flight: each :meth:`start` future until its outcome is in (counted
+        #: and timed), whether or not anyone still waits for it.
+        self.tries: set[asyncio.Future[Answer]] = set()
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
         self.latency = LatencyTracker()
         self.health = Health()
         self.probes = 0
         self.closed = False
         self._logged: dict[str, tuple[float, int]] = {}
-        self._waiters: list[tuple[str, asyncio.Future]] = []
-        self._idle_waiters: list[asyncio.Future] = []
+        #: Called with this upstream after each health transition (quarantined, or healthy
+        #: again), once :attr:`state` shows the new state. A listener must not raise.
+        self.state_listeners: list[Callable[[Upstream], None]] = []
 
-    async def idle(self) -> None:
-        """Return once no query to this server is in flight (hedged losers included)."""
-        if self.inflight:
-            fut = asyncio.get_running_loop().create_future()
-            self._idle_waiters.append(fut)
-            await fut
+    @property
+    def inflight(self) -> int:
+        """Tries to this server in flight (hedged losers included)."""
+        return len(self.tries)
 
     @property
     def state(self) -> str:
         return self.health.state
 
-    async def wait_for_state(self, state: str) -> None:
-        """Return once the server is in ``state`` ("healthy" or "quarantined")."""
-        if self.health.state == state:
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append((state, fut))
-        await fut
-
     def _state_changed(self) -> None:
-        keep = []
-        for state, fut in self._waiters:
-            if fut.done():
-                continue
-            if state == self.health.state:
-                fut.set_result(None)
-            else:
-                keep.append((state, fut))
-        self._waiters = keep
+        for listener in list(self.state_listeners):
+            listener(self)
 
     @property
     def resolver(self) -> aiodns.DNSResolver:
@@ -280,13 +286,11 @@ class Upstream:
         self.resends += 1
         return True
 
-    async def query(self, name: str, qtype: int, timeout: float | None = None) -> Answer:
-        """Ask this server once, waiting at most ``timeout`` seconds (c-ares may retransmit
-        inside that window). ``qtype`` is the type number. Raises :class:`UpstreamError`."""
-        return await self.start(name, qtype, timeout)
-
-    def start(self, name: str, qtype: int, timeout: float | None = None) -> asyncio.Future:
-        """Send one try now; the future gets the :class:`Answer` or an :class:`UpstreamError`.
+    def start(self, name: str, qtype: int, timeout: float | None = None
+              ) -> asyncio.Future[Answer]:
+        """Send one try now, of at most ``timeout`` seconds (default: the server's; c-ares may
+        retransmit inside it); ``qtype`` is the type number. The future gets the
+        :class:`Answer` or an :class:`UpstreamError`.
 
         A future, not a task: the pool runs and races tries without a task per try, and the
         reply settles it in the same loop pass that read it. Cancelling the future only stops
@@ -294,10 +298,9 @@ class Upstream:
         """
         timeout = self.timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
-        out = loop.create_future()
+        out: asyncio.Future[Answer] = loop.create_future()
         self.queries += 1
-        self.inflight += 1
-        out.add_done_callback(self._try_ended)
+        self.tries.add(out)
         attempt = _Try(self, out, name, qtype, timeout)
         try:
             resolver = self.resolver
@@ -314,19 +317,13 @@ class Upstream:
         except (RuntimeError, UpstreamError):
             if attempt.timer is not None:
                 attempt.timer.cancel()
+            self.tries.discard(out)
             out.set_exception(UpstreamError("closed", "channel closed", self.address))
         return out
 
-    def _try_ended(self, _out: asyncio.Future) -> None:
-        self.inflight -= 1
-        if not self.inflight and self._idle_waiters:
-            for fut in self._idle_waiters:
-                if not fut.done():
-                    fut.set_result(None)
-            self._idle_waiters = []
-
     def _complete(self, attempt: _Try, code: int, sections: Any) -> None:
         out = attempt.out
+        self.tries.discard(out)
         if out.done():
             return  # timed out already, or cancelled at shutdown: nobody waits for this
         try:
@@ -341,26 +338,26 @@ class Upstream:
             raise self._fail("timeout", f"no answer in {attempt.timeout:.3g}s", name, qtype,
                              elapsed)
         answer, authority = sections or ((), ())
-        if code == _OK:
+        if code == ARES_SUCCESS:
             self._ok("ok", elapsed)
             return Answer(NOERROR, list(answer), list(authority))
-        if code == _ENOTFOUND:
+        if code == ARES_ENOTFOUND:
             self._ok("nxdomain", elapsed)
             return Answer(NXDOMAIN, list(answer), list(authority))
-        if code == _ENODATA:
+        if code == ARES_ENODATA:
             self._ok("nodata", elapsed)
             # A CNAME chain that ends in NODATA is reported as success by c-ares, so the
             # answer section is empty here.
             return Answer(NOERROR, [], list(authority))
-        if code == _ECANCELLED:
+        if code == ARES_ECANCELLED:
             # The channel was closed under us (shutdown): not the server's fault.
             raise UpstreamError("closed", "query cancelled", self.address)
-        if code == _EBADNAME:
+        if code == ARES_EBADNAME:
             # Our name, not the server: no health penalty.
             self.outcomes["error"] += 1
-            raise UpstreamError("badname", pycares.errno.strerror(code), self.address)
+            raise UpstreamError("badname", _strerror(code), self.address)
         kind = _FAILURE_KINDS.get(code, "error")
-        raise self._fail(kind, pycares.errno.strerror(code), name, qtype, elapsed)
+        raise self._fail(kind, _strerror(code), name, qtype, elapsed)
 
     async def _ask_query_dns(self, resolver: aiodns.DNSResolver, name: str, qtype: int,
                              timeout: float) -> tuple[int, Any]:
@@ -372,10 +369,10 @@ class Upstream:
         except TimeoutError:
             return _TIMED_OUT, None
         except DNSError as exc:
-            return (exc.args[0] if exc.args else _EBADRESP), None
+            return (exc.args[0] if exc.args else ARES_EBADRESP), None
         recs = [r for r in map(rec_from_pycares, result.answer) if r is not None]
         auth = [r for r in map(rec_from_pycares, result.authority) if r is not None]
-        return _OK, (recs, auth)
+        return ARES_SUCCESS, (recs, auth)
 
     def _ok(self, outcome: str, elapsed: float) -> None:
         self.outcomes[outcome] += 1
@@ -427,22 +424,22 @@ class Upstream:
                     if not fut.done():
                         fut.set_result(code)
 
-                self._submit_fresh(".", 2, done)
+                self._submit_fresh(".", int(RRType.NS), done)
                 code = await asyncio.wait_for(fut, self.timeout)
             else:
                 await asyncio.wait_for(self.resolver.query_dns(".", "NS"), self.timeout)
-                code = _OK
+                code = ARES_SUCCESS
         except TimeoutError:
-            code = _ETIMEOUT
+            code = ARES_ETIMEOUT
         except DNSError as exc:
-            code = exc.args[0] if exc.args else _EBADRESP
+            code = exc.args[0] if exc.args else ARES_EBADRESP
         except (RuntimeError, UpstreamError):
             return  # closed under us
-        if code == _ECANCELLED:
+        if code == ARES_ECANCELLED:
             return
-        if code == _ECONNREFUSED:
+        if code == ARES_ECONNREFUSED:
             failure = "unreachable"
-        elif code == _ETIMEOUT:
+        elif code == ARES_ETIMEOUT:
             failure = "timeout"
         if failure is None:
             if self.health.success():

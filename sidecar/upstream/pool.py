@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from sidecar.config import HostPort
 from sidecar.errors import ResolveFailed, UpstreamError
@@ -25,9 +26,14 @@ HEDGE_MIN = 0.1
 HEDGE_FACTOR = 4.0
 
 
-def _consume(fut: asyncio.Future) -> None:
+def _consume(fut: asyncio.Future[Answer]) -> None:
     if not fut.cancelled():
         fut.exception()
+
+
+def _wake(waiter: asyncio.Future[None], _try: asyncio.Future[Answer]) -> None:
+    if not waiter.done():  # cancelled: the query was abandoned, the try ran on
+        waiter.set_result(None)
 
 
 class Pool:
@@ -49,7 +55,6 @@ class Pool:
         self.upstreams = [self.make_upstream(s) for s in servers]
         self.failures = 0  # queries that no server answered
         self.hedged = 0  # tries started early because the previous one was slow
-        self._tries: set[asyncio.Future] = set()  # every try in flight, losers included
 
     def make_upstream(self, server: HostPort) -> Upstream:
         return Upstream(server, self.name or ".", self.timeout,
@@ -66,7 +71,9 @@ class Pool:
         """Servers in the order a query tries them (do not modify the list)."""
         if len(self.upstreams) == 1:
             return self.upstreams
-        good, suspect, sick = [], [], []
+        good: list[Upstream] = []
+        suspect: list[Upstream] = []
+        sick: list[Upstream] = []
         for u in self.upstreams:
             h = u.health
             (good if h.healthy and not h.consecutive_failures else
@@ -97,22 +104,12 @@ class Pool:
         deadline = time.monotonic() + self.timeout * self.tries
         # Every server gets a chance at fast failures; slow ones are bounded by the deadline.
         attempts = max(self.tries, len(order))
-        running: set[asyncio.Future] = set()
-        launched = 0
+        done: Collection[asyncio.Future[Answer]]
         last = "timeout"
-
-        def launch() -> Upstream:
-            nonlocal launched
-            server = order[launched % len(order)]
-            launched += 1
-            left = deadline - time.monotonic()
-            fut = server.start(name, qtype, min(self.timeout, left))
-            running.add(fut)
-            self._tries.add(fut)
-            fut.add_done_callback(self._tries.discard)
-            return server
-
-        current = launch()
+        # (No closure for launching: its cells would cost every query.)
+        current = order[0]
+        running = {self._start(current, name, qtype, deadline)}
+        launched = 1
         try:
             while running:
                 left = deadline - time.monotonic()
@@ -122,11 +119,14 @@ class Pool:
                 if not can_hedge and len(running) == 1:
                     # Nothing to race, and the try's own timer ends it by the deadline:
                     # await it alone (asyncio.wait costs a waiter, callbacks and a timer).
+                    # Through a waiter, as asyncio.shield does (with one callback, not two):
+                    # cancelling this query (a jostled fetch) then leaves the try to finish,
+                    # so its outcome still feeds the server's health, as a hedged loser's.
                     only = next(iter(running))
-                    try:
-                        await only
-                    except Exception:  # read below, with the other outcomes
-                        pass
+                    if not only.done():
+                        waiter: asyncio.Future[None] = only.get_loop().create_future()
+                        only.add_done_callback(functools.partial(_wake, waiter))
+                        await waiter
                     done = (only,)
                 else:
                     wait = min(left, self.hedge_delay(current)) if can_hedge else left
@@ -135,7 +135,9 @@ class Pool:
                 if not done:
                     if can_hedge:
                         self.hedged += 1
-                        current = launch()
+                        current = order[launched % len(order)]
+                        launched += 1
+                        running.add(self._start(current, name, qtype, deadline))
                     continue
                 for fut in done:
                     running.discard(fut)
@@ -151,7 +153,9 @@ class Pool:
                 else:
                     # A failed try moves on at once (no need to wait for a hedge timer).
                     if launched < attempts and deadline - time.monotonic() > 0.001:
-                        current = launch()
+                        current = order[launched % len(order)]
+                        launched += 1
+                        running.add(self._start(current, name, qtype, deadline))
                     continue
                 break
         finally:
@@ -161,6 +165,11 @@ class Pool:
                 fut.add_done_callback(_consume)
         self.failures += 1
         raise ResolveFailed(last, launched)
+
+    def _start(self, server: Upstream, name: str, qtype: int, deadline: float
+               ) -> asyncio.Future[Answer]:
+        """One try on ``server``: its own timeout, cut to what is left before ``deadline``."""
+        return server.start(name, qtype, min(self.timeout, deadline - time.monotonic()))
 
     async def probe_due(self, now: float) -> None:
         """Probe suspect and quarantined servers whose wait has elapsed (concurrently)."""
@@ -174,7 +183,7 @@ class Pool:
 
     async def close(self) -> None:
         """Cancel the tries still in flight (hedged losers too), then close the channels."""
-        tries = list(self._tries)
+        tries = [fut for u in self.upstreams for fut in u.tries]
         for fut in tries:
             fut.cancel()
         if tries:
@@ -210,8 +219,8 @@ class PoolSet:
 
         def build(name: str, servers: Iterable[HostPort]) -> Pool:
             pool = Pool(name, (), timeout, tries, case_randomize=self.case_randomize)
-            pool.upstreams = [old.pop((name, str(s)), None) or pool.make_upstream(s)
-                              for s in servers]
+            pool.upstreams = [old.pop(key) if (key := (name, str(s))) in old
+                              else pool.make_upstream(s) for s in servers]
             return pool
 
         self.default = build("", default)

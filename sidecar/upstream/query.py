@@ -2,16 +2,11 @@
 
 aiodns's ``query_dns`` (pycares ``Channel.query``) throws the whole reply away when c-ares
 reports NXDOMAIN or NODATA, so the SOA that RFC 2308 negative caching needs never arrives
-and every negative answer cost a second upstream round trip (an SOA query). It also builds
-a dataclass per record that the cache then re-encodes with dnslib. Here the query goes
+and every negative answer would cost a second upstream round trip (an SOA query). It also
+builds a dataclass per record that the cache would re-encode with dnslib. Here the query goes
 through the same c-ares call (``ares_query_dnsrec``, on the channel aiodns made) with our
 own cffi callback, which keeps the sections for NXDOMAIN/NODATA and turns records straight
 into wire rdata; TXT keeps its character-string boundaries.
-
-Measured with ``bench/miss_micro.py`` (1,000 cold A/AAAA misses at once, sidecar pinned to
-one core, upstream answering at once): 445-543 us of sidecar CPU per miss with ``query_dns``,
-SOA lookups and dnslib; 162-200 us with this module and the other miss-path changes of the
-same session (wire-level entries, tries as futures).
 
 The cffi callback runs where c-ares processes the reply: on the event loop for the sidecar's
 loop-driven channels (:class:`sidecar.upstream.cares.LoopResolver`), where it calls the caller's
@@ -33,12 +28,14 @@ from threading import get_ident
 from typing import Any
 
 import pycares
+from pycares.errno import ARES_EBADRESP, ARES_ENODATA, ARES_ENOTFOUND, ARES_SUCCESS
 
+from sidecar.dns.types import RRClass, RRType
 from sidecar.dns.wire import encode_name
 from sidecar.upstream.records import Rec, rdata_from_pycares
 
-# Names inside rdata (a zone's SOA names, CNAME and NS targets) repeat from reply to reply;
-# encoding one costs ~2 us, a cache hit ~0.1 us.
+# Names inside rdata (a zone's SOA names, CNAME and NS targets) repeat from reply to reply,
+# and a cache hit costs a small fraction of encoding one again.
 _rdata_name = functools.lru_cache(maxsize=4096)(encode_name)
 
 log = logging.getLogger("sidecar.upstream")
@@ -47,8 +44,13 @@ _ffi: Any = getattr(pycares, "_ffi", None)
 _lib: Any = getattr(pycares, "_lib", None)
 
 #: c-ares status codes that still carry the reply.
-OK, ENODATA, ENOTFOUND, EBADRESP = 0, 1, 4, 10
-_WITH_REPLY = (OK, ENODATA, ENOTFOUND)
+_WITH_REPLY = (ARES_SUCCESS, ARES_ENODATA, ARES_ENOTFOUND)
+#: The question's class (plain int for cffi).
+_IN = int(RRClass.IN)
+# Record types parsed here, as plain ints (the comparisons below run per record).
+_A, _NS, _CNAME, _SOA, _PTR, _MX, _TXT, _AAAA, _SRV = (
+    int(t) for t in (RRType.A, RRType.NS, RRType.CNAME, RRType.SOA, RRType.PTR, RRType.MX,
+                     RRType.TXT, RRType.AAAA, RRType.SRV))
 
 _U16 = struct.Struct(">H")
 _HHH = struct.Struct(">HHH")
@@ -76,13 +78,13 @@ def _str(rr: Any, key: int) -> str:
 
 def _rdata(rr: Any, rtype: int) -> bytes | None:
     lib = _lib
-    if rtype == 1:
+    if rtype == _A:
         return bytes(_ffi.buffer(lib.ares_dns_rr_get_addr(rr, lib.ARES_RR_A_ADDR), 4))
-    if rtype == 28:
+    if rtype == _AAAA:
         return bytes(_ffi.buffer(lib.ares_dns_rr_get_addr6(rr, lib.ARES_RR_AAAA_ADDR), 16))
-    if rtype == 5:
+    if rtype == _CNAME:
         return _rdata_name(_str(rr, lib.ARES_RR_CNAME_CNAME))
-    if rtype == 16:
+    if rtype == _TXT:
         key = lib.ARES_RR_TXT_DATA
         length = _ffi.new("size_t *")
         out = bytearray()
@@ -92,21 +94,21 @@ def _rdata(rr: Any, rtype: int) -> bytes | None:
             out.append(len(chunk))
             out += chunk
         return bytes(out) or b"\x00"
-    if rtype == 6:
+    if rtype == _SOA:
         g = lib.ares_dns_rr_get_u32
         return (_rdata_name(_str(rr, lib.ARES_RR_SOA_MNAME))
                 + _rdata_name(_str(rr, lib.ARES_RR_SOA_RNAME))
                 + _SOA_NUMS.pack(g(rr, lib.ARES_RR_SOA_SERIAL), g(rr, lib.ARES_RR_SOA_REFRESH),
                                  g(rr, lib.ARES_RR_SOA_RETRY), g(rr, lib.ARES_RR_SOA_EXPIRE),
                                  g(rr, lib.ARES_RR_SOA_MINIMUM)))
-    if rtype == 2:
+    if rtype == _NS:
         return _rdata_name(_str(rr, lib.ARES_RR_NS_NSDNAME))
-    if rtype == 12:
+    if rtype == _PTR:
         return _rdata_name(_str(rr, lib.ARES_RR_PTR_DNAME))
-    if rtype == 15:
+    if rtype == _MX:
         return (_U16.pack(lib.ares_dns_rr_get_u16(rr, lib.ARES_RR_MX_PREFERENCE))
                 + _rdata_name(_str(rr, lib.ARES_RR_MX_EXCHANGE)))
-    if rtype == 33:
+    if rtype == _SRV:
         u16 = lib.ares_dns_rr_get_u16
         return (_HHH.pack(u16(rr, lib.ARES_RR_SRV_PRIORITY), u16(rr, lib.ARES_RR_SRV_WEIGHT),
                           u16(rr, lib.ARES_RR_SRV_PORT))
@@ -155,7 +157,7 @@ def _on_reply(arg: Any, status: int, timeouts: int, dnsrec: Any) -> None:
                 sections = (_section(dnsrec, _lib.ARES_SECTION_ANSWER),
                             _section(dnsrec, _lib.ARES_SECTION_AUTHORITY))
             except Exception:
-                status = EBADRESP
+                status = ARES_EBADRESP
         if get_ident() == thread:
             _deliver(done, status, sections)  # loop-driven channel: already on the loop
         else:
@@ -172,9 +174,10 @@ _callback = (_ffi.callback("void(void *, ares_status_t, size_t, const ares_dns_r
 def submit(channel: pycares.Channel, name: str, qtype: int,
            done: Callable[[int, Any], None]) -> None:
     """Send ``name``/``qtype`` (class IN) on ``channel``; ``done(status, sections)`` is called
-    once, on the event loop's thread, where ``status`` is a c-ares code (0 ok, 1 NODATA,
-    4 NXDOMAIN, ...) and ``sections`` is ``(answer, authority)`` lists of
-    :class:`~sidecar.encode.Rec` for the first three, else None. A callback, not a future:
+    once, on the event loop's thread, where ``status`` is a c-ares code (``pycares.errno``:
+    ``ARES_SUCCESS``, ``ARES_ENODATA``, ``ARES_ENOTFOUND``, ...) and ``sections`` is
+    ``(answer, authority)`` lists of :class:`~sidecar.upstream.records.Rec` for those three,
+    else None. A callback, not a future:
     the reply is handled in the same loop pass that read it. ``done`` must not raise. Raises
     ``RuntimeError`` if the channel is closed (``done`` is then never called)."""
     box = [asyncio.get_running_loop(), done, None, get_ident()]
@@ -186,21 +189,21 @@ def submit(channel: pycares.Channel, name: str, qtype: int,
         lock, holder = getattr(channel, "_lock", None), getattr(channel, "_channel", _MISSING)
         if lock is None or holder is _MISSING:  # pragma: no cover - pycares changed
             with channel._capture_channel() as ch:
-                status = _lib.ares_query_dnsrec(ch, name.encode("latin-1"), 1, qtype,
+                status = _lib.ares_query_dnsrec(ch, name.encode("latin-1"), _IN, qtype,
                                                 _callback, handle, _ffi.NULL)
         else:
             # What pycares's _capture_channel() does (the lock keeps close() from destroying
             # the channel mid-call), without the generator-based context manager it is made
-            # of: 9k of 446k instructions per miss (2%; callgrind, bench/miss_micro.py).
+            # of, which runs once per upstream query.
             with lock:
                 holder = channel._channel
                 if holder is None:
                     raise RuntimeError("Channel is destroyed, no new queries allowed")
-                status = _lib.ares_query_dnsrec(holder[0], name.encode("latin-1"), 1, qtype,
+                status = _lib.ares_query_dnsrec(holder[0], name.encode("latin-1"), _IN, qtype,
                                                 _callback, handle, _ffi.NULL)
     except BaseException:
         _pending.pop(key, None)
         raise
-    if status != OK and _pending.pop(key, None) is not None:
+    if status != ARES_SUCCESS and _pending.pop(key, None) is not None:
         # Refused at once and c-ares did not call back: this is the answer.
         _deliver(done, status, None)

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 from dnslib import CAA, NAPTR, DNSBuffer
 
+from sidecar.dns.types import RRType
 from sidecar.dns.wire import encode_name
 
 
@@ -28,7 +29,8 @@ class Rec(NamedTuple):
 
 @dataclass
 class Answer:
-    """An upstream's answer: rcode (NOERROR/NXDOMAIN) and its answer and authority records."""
+    """An upstream's answer: rcode (:class:`~sidecar.dns.types.Rcode` NOERROR or NXDOMAIN, as
+    a plain int) and its answer and authority records."""
 
     rcode: int
     answer: list[Rec] = field(default_factory=list)
@@ -50,32 +52,33 @@ def _txt_strings(data: bytes) -> bytes:
 
 def rdata_from_pycares(rtype: int, data: Any) -> bytes | None:
     """Wire rdata for a pycares record data object, or None for a type we cannot encode."""
-    if rtype == 1:
+    if rtype == RRType.A:
         return socket.inet_pton(socket.AF_INET, data.addr)
-    if rtype == 28:
+    if rtype == RRType.AAAA:
         return socket.inet_pton(socket.AF_INET6, data.addr)
-    if rtype == 5:
+    if rtype == RRType.CNAME:
         return encode_name(data.cname)
-    if rtype == 2:
+    if rtype == RRType.NS:
         return encode_name(data.nsdname)
-    if rtype == 12:
+    if rtype == RRType.PTR:
         return encode_name(data.dname)
-    if rtype == 15:
+    if rtype == RRType.MX:
         return struct.pack(">H", data.priority) + encode_name(data.exchange)
-    if rtype == 16:
+    if rtype == RRType.TXT:
         return _txt_strings(data.data)
-    if rtype == 6:
+    if rtype == RRType.SOA:
         return (encode_name(data.mname) + encode_name(data.rname)
                 + struct.pack(">IIIII", data.serial, data.refresh, data.retry, data.expire,
                               data.minimum))
-    if rtype == 33:
+    if rtype == RRType.SRV:
         return struct.pack(">HHH", data.priority, data.weight, data.port) + encode_name(
             data.target)
     # The rest have at most one name in their rdata, so dnslib's name compression (relative
     # to this fresh buffer) cannot produce a pointer.
-    if rtype == 257:
+    rd: CAA | NAPTR
+    if rtype == RRType.CAA:
         rd = CAA(data.critical, data.tag, data.value)
-    elif rtype == 35:
+    elif rtype == RRType.NAPTR:
         rd = NAPTR(data.order, data.preference, data.flags.encode(), data.service.encode(),
                    data.regexp.encode(), data.replacement)
     else:
