@@ -10,8 +10,8 @@ one operation, start-up and imports cancelled out:
   responder on loopback answering at once (A: one address; other types: NODATA + SOA).
 
 It uses only ``Sidecar(Config(...))``, ``start``, ``handler.handle``, ``dns_addresses`` and
-``stop``, so ``PYTHONPATH=/path/to/old/tree python -m bench.instructions`` measures an
-older commit the same way (before/after tables in docs/benchmarks.md).
+``stop``, so ``PYTHONPATH=/path/to/old/tree python bench/instructions.py`` (from outside that
+tree) measures an older commit the same way (before/after tables in docs/benchmarks.md).
 
     python -m bench.instructions [--workload hit|miss|all] [--short N] [--long N]
 """
@@ -29,26 +29,12 @@ import subprocess
 import sys
 import tempfile
 
-_SOA_RDATA = b"\x02ns\x00\x02hm\x00" + struct.pack(">IIIII", 1, 60, 60, 60, 60)
-_SOA_RR = b"\x04test\x00" + struct.pack(">HHIH", 6, 1, 60, len(_SOA_RDATA)) + _SOA_RDATA
 DEFAULTS = {"hit": (20_000, 120_000), "miss": (200, 1_200)}
 
-
-class _Responder(asyncio.DatagramProtocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.t: asyncio.DatagramTransport = transport  # type: ignore[assignment]
-
-    def datagram_received(self, d: bytes, addr: tuple[str, int]) -> None:
-        end = d.find(b"\x00", 12) + 5
-        if end < 17:
-            return
-        qtype = struct.unpack_from(">H", d, end - 4)[0]
-        if qtype == 1:
-            tail = struct.pack(">HHHH", 1, 1, 0, 0) + d[12:end] + b"\xc0\x0c" + struct.pack(
-                ">HHIH", 1, 1, 300, 4) + b"\x7f\x00\x00\x01"
-        else:
-            tail = struct.pack(">HHHH", 1, 0, 1, 0) + d[12:end] + _SOA_RR
-        self.t.sendto(d[:2] + b"\x81\x80" + tail, addr)
+try:
+    from bench.miss_micro import _Responder
+except ImportError:  # run as a script (an older tree on PYTHONPATH): bench/ is sys.path[0]
+    from miss_micro import _Responder  # type: ignore[no-redef]
 
 
 def _query(name: str, qtype: int, qid: int, edns: bool = False) -> bytes:
@@ -92,11 +78,12 @@ async def _workload(kind: str, n: int) -> None:
 
 def _instructions(kind: str, n: int) -> int:
     with tempfile.TemporaryDirectory() as tmp:
+        # Run as a script: ``sidecar`` then comes from PYTHONPATH or the installed package,
+        # never from the working directory.
         cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg.out",
-               sys.executable, "-m", "bench.instructions", "--run", kind, "--n", str(n)]
+               sys.executable, os.path.abspath(__file__), "--run", kind, "--n", str(n)]
         env = {**os.environ, "PYTHONHASHSEED": "0"}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800,
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
         found = re.search(r"Collected : (\d+)", proc.stderr)
         if proc.returncode or not found:
             raise SystemExit(f"callgrind run failed ({proc.returncode}):\n{proc.stderr[-2000:]}")

@@ -192,11 +192,10 @@ def tune_gc() -> None:
     Everything alive now (modules, the loop, listeners) lives as long as the process:
     ``gc.freeze()`` keeps it out of the full collections, which then only walk new objects.
     Every miss holds GC-tracked objects (futures, a task, handles) while it is in flight,
-    so with the default threshold misses ran a young collection every 30-50 queries
-    (``bench/miss_micro.py``: 27-41 per round of 1,300 misses; 1-2 at 10,000), and the miss
-    path costs 2.5% fewer instructions at 10,000 (callgrind, same script: 415k -> 404.5k per
-    miss). A young collection then walks at most ~10,000 objects. Cache entries are
-    untracked tuples of bytes and numbers: the cache's size does not count here.
+    so with the default threshold a burst of misses runs a young collection every few dozen
+    queries; a higher threshold makes them rare (docs/benchmarks.md has the measurement),
+    and a young collection then walks at most ~10,000 objects. Cache entries are untracked
+    tuples of bytes and numbers: the cache's size does not count here.
     """
     gc.freeze()
     gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
