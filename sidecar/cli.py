@@ -102,76 +102,77 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: nameservers of /etc/resolv.conf)")
     add("--zone", metavar="SUFFIX=ADDR[,ADDR...]", action="append", type=_typed("SUFFIX=ADDR[,ADDR...]", parse_zone), default=None,
         help="a pool for names under SUFFIX, repeatable; longest suffix wins")
-    add("--min-ttl", metavar="SECONDS", type=_typed("a whole number >= 0", _nonneg_int), default=30,
-        help="TTL floor for cached answers (default 30)")
-    add("--max-ttl", metavar="SECONDS", type=_typed("a whole number >= 0", _nonneg_int), default=86400,
-        help="TTL cap for cached answers (default 86400)")
-    add("--max-negative-ttl", metavar="SECONDS", type=_typed("a whole number >= 0", _nonneg_int), default=300,
-        help="cap for NXDOMAIN/NODATA caching, RFC 2308 (default 300)")
-    add("--servfail-ttl", metavar="SECONDS", type=_typed("a whole number >= 0", _nonneg_int), default=5,
-        help="how long a failed lookup (SERVFAIL) is remembered (default 5)")
-    add("--cache-size", metavar="ENTRIES", type=_typed("a whole number >= 0", _nonneg_int), default=100000,
+    add("--min-ttl", metavar="SECONDS", type=_typed("a whole number >= 0", _nonneg_int), default=Config.min_ttl,
+        help="TTL floor for cached answers (default %(default)s)")
+    add("--max-ttl", metavar="SECONDS", type=_typed("a whole number >= 0", _nonneg_int), default=Config.max_ttl,
+        help="TTL cap for cached answers (default %(default)s)")
+    add("--max-negative-ttl", metavar="SECONDS", type=_typed("a whole number >= 0", _nonneg_int), default=Config.max_negative_ttl,
+        help="cap for NXDOMAIN/NODATA caching, RFC 2308 (default %(default)s)")
+    add("--servfail-ttl", metavar="SECONDS", type=_typed("a whole number >= 0", _nonneg_int), default=Config.servfail_ttl,
+        help="how long a failed lookup (SERVFAIL) is remembered (default %(default)s)")
+    add("--cache-size", metavar="ENTRIES", type=_typed("a whole number >= 0", _nonneg_int), default=Config.cache_size,
         help="cache bound, least recently used evicted first (CLOCK approximation; default "
         "100000)")
-    add("--cache-memory", metavar="MIB", type=_typed("a whole number >= 1", _nonneg_int), default=256,
+    add("--cache-memory", metavar="MIB", type=_typed("a whole number >= 1", _nonneg_int), default=Config.cache_memory,
         help="bound on the bytes the cached answers hold, in MiB; with --cache-size, whichever "
-        "is reached first evicts (default 256)")
-    add("--timeout", metavar="SECONDS", type=_typed("a number >= 0", _positive_float), default=2.0,
-        help="per upstream try (default 2.0)")
-    add("--tries", metavar="N", type=_typed("a whole number >= 0", _nonneg_int), default=2,
-        help="upstream tries per miss (default 2)")
-    add("--max-inflight", metavar="N", type=_typed("a whole number >= 0", _nonneg_int), default=1024,
-        help="upstream queries in flight at once; more wait their turn (default 1024)")
-    add("--upstream-0x20", action="store_true", default=False,
+        "is reached first evicts (default %(default)s)")
+    add("--timeout", metavar="SECONDS", type=_typed("a number >= 0", _positive_float), default=Config.timeout,
+        help="per upstream try (default %(default)s)")
+    add("--tries", metavar="N", type=_typed("a whole number >= 0", _nonneg_int), default=Config.tries,
+        help="upstream tries per miss (default %(default)s)")
+    add("--max-inflight", metavar="N", type=_typed("a whole number >= 0", _nonneg_int), default=Config.max_inflight,
+        help="upstream queries in flight at once; more wait their turn (default %(default)s)")
+    add("--upstream-0x20", action="store_true", default=Config.upstream_0x20,
         help="randomise the letter case of upstream queries (DNS 0x20) and drop replies that do "
         "not echo it")
-    add("--serve-stale", metavar="SECONDS", type=_typed("a whole number >= 0", _nonneg_int), default=0,
+    add("--serve-stale", metavar="SECONDS", type=_typed("a whole number >= 0", _nonneg_int), default=Config.serve_stale,
         help="answer from entries expired less than this long ago when upstreams fail, "
-        "RFC 8767 (default 0, off)")
-    add("--prefetch", action="store_true", default=False,
+        "RFC 8767 (default %(default)s, off)")
+    add("--prefetch", action="store_true", default=Config.prefetch,
         help="refresh popular entries before they expire")
-    add("--no-aaaa", action="store_true", default=False,
+    add("--no-aaaa", action="store_true", default=Config.no_aaaa,
         help="answer AAAA queries with NODATA")
     add("--allow", metavar="CIDR[,CIDR...]", type=_typed("CIDR[,CIDR...]", parse_cidrs), default=None,
         help="clients that may query (default: loopback only)")
-    add("--rate-limit", metavar="QPS", type=_typed("a number >= 0", _positive_float), default=0.0,
-        help="per-client query rate limit; over it queries are dropped (default 0, off)")
-    add("--rate-burst", metavar="N", type=_typed("a number >= 0", _positive_float), default=0.0,
-        help="queries a client may send in a burst above --rate-limit; 0 means twice the rate (default 0)")
-    add("--rate-limit-v6-prefix", metavar="BITS", type=_typed("a whole number 0-128", _nonneg_int), default=64,
-        help="IPv6 clients are rate limited per prefix of this length; IPv4 per address (default 64)")
-    add("--max-udp-size", metavar="BYTES", type=_typed("a whole number 512-65535", _nonneg_int), default=1232,
+    add("--rate-limit", metavar="QPS", type=_typed("a number >= 0", _positive_float), default=Config.rate_limit,
+        help="per-client query rate limit; over it queries are dropped (default %(default)s, off)")
+    add("--rate-burst", metavar="N", type=_typed("a number >= 0", _positive_float), default=Config.rate_burst,
+        help="queries a client may send in a burst above --rate-limit; 0 means twice the rate (default %(default)s)")
+    add("--rate-limit-v6-prefix", metavar="BITS", type=_typed("a whole number 0-128", _nonneg_int), default=Config.rate_limit_v6_prefix,
+        help="IPv6 clients are rate limited per prefix of this length; IPv4 per address (default %(default)s)")
+    add("--max-udp-size", metavar="BYTES", type=_typed("a whole number 512-65535", _nonneg_int), default=Config.max_udp_size,
         help="largest UDP reply sent, whatever size the client advertises; larger answers go out "
-        "with TC=1 (default 1232)")
+        "with TC=1 (default %(default)s)")
     add("--private-address", metavar="CIDR[,CIDR...]", type=_typed("CIDR[,CIDR...]", parse_cidrs), default=None,
         help="addresses removed from answers for names outside every --zone suffix "
         "(DNS-rebinding / SSRF guard; default: none)")
-    add("--tcp-max-connections", metavar="N", type=_typed("a whole number >= 0", _nonneg_int), default=256,
-        help="open TCP connections at once (default 256)")
-    add("--tcp-idle-timeout", metavar="SECONDS", type=_typed("a number >= 0", _positive_float), default=10.0,
-        help="close a TCP connection idle this long (default 10)")
+    add("--tcp-max-connections", metavar="N", type=_typed("a whole number >= 0", _nonneg_int), default=Config.tcp_max_connections,
+        help="open TCP connections at once (default %(default)s)")
+    add("--tcp-idle-timeout", metavar="SECONDS", type=_typed("a number >= 0", _positive_float), default=Config.tcp_idle_timeout,
+        help="close a TCP connection idle this long (default %(default)s)")
     add("--api-token", metavar="TOKEN", default=None,
         help="required as 'Authorization: Bearer TOKEN' on mutating API calls")
-    add("--lameduck", metavar="SECONDS", type=_typed("a number >= 0", _positive_float), default=0.0,
-        help="on SIGTERM report not-ready and keep answering this long before draining (default 0)")
+    add("--lameduck", metavar="SECONDS", type=_typed("a number >= 0", _positive_float), default=Config.lameduck,
+        help="on SIGTERM report not-ready and keep answering this long before draining (default %(default)s)")
     add("--cache-file", metavar="PATH", type=_typed("a file path", _path), default=None,
         help="cache snapshot: loaded at start before ready, written on SIGTERM, after the "
         "drain and every --cache-save-interval seconds (default: none, start cold)")
     add("--cache-save-interval", metavar="SECONDS", type=_typed("a number >= 0", _positive_float),
-        default="300",
+        default=Config.cache_save_interval,
         help="seconds between snapshot saves with --cache-file; 0 saves only at shutdown "
-        "(default 300)")
-    add("--reuse-port", action="store_true", default=False,
+        "(default %(default)s)")
+    add("--reuse-port", action="store_true", default=Config.reuse_port,
         help="bind the DNS listeners with SO_REUSEPORT beside a running sidecar and take its "
         "new traffic over (replacement without a lost query)")
     add("--shared-cache", metavar="URL", default=None,
         help="redis://, rediss://, redis+cluster:// or rediss+cluster:// URL of a Valkey/Redis "
         "server shared by a fleet of sidecars as a second-level cache (default: none)")
-    add("--shared-cache-prefix", metavar="PREFIX", default="dns-sidecar:v1:",
+    add("--shared-cache-prefix", metavar="PREFIX", default=Config.shared_cache_prefix,
         help="key prefix in the shared cache, one per fleet (default dns-sidecar:v1:)")
     add("--shared-cache-timeout", metavar="MS", type=_typed("a number > 0", _positive_float),
-        default="30", help="deadline of one shared-cache lookup in milliseconds (default 30)")
-    add("--log-level", metavar="LEVEL", type=_typed("debug, info, warning or error", _log_level), default="info",
+        default=Config.shared_cache_timeout * 1000,
+        help="deadline of one shared-cache lookup in milliseconds (default %(default)g)")
+    add("--log-level", metavar="LEVEL", type=_typed("debug, info, warning or error", _log_level), default=Config.log_level,
         help="debug, info, warning or error (default info)")
     add("--log-format", choices=("text", "json"), default="text",
         help="text or json (default text)")

@@ -136,6 +136,18 @@ def read_resolv_conf(path: str = "/etc/resolv.conf") -> tuple[HostPort, ...]:
 LOOPBACK_NETS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP as text, IPv4-mapped or with a ``%zone`` too) is a loopback
+    address; a host name, ``localhost`` included, is not an address and is not."""
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
 #: URL schemes of ``--shared-cache`` (redis-py's, plus ``+cluster`` for a Redis Cluster).
 SHARED_CACHE_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster")
 

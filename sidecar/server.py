@@ -12,7 +12,7 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Self
 
-from sidecar.config import Config, HostPort, read_resolv_conf
+from sidecar.config import Config, HostPort, is_loopback, read_resolv_conf
 from sidecar.dns.acl import Acl
 from sidecar.dns.cache import Cache
 from sidecar.dns.handler import QueryHandler
@@ -116,7 +116,7 @@ class DnsServer:
                 f"rcvbuf {self.udp_rcvbuf} bytes; c-ares query cache {qcache}")
 
     def _warn_exposure(self) -> None:
-        public = [a for a in self.dns_addresses if not _is_loopback(a.host)]
+        public = [a for a in self.dns_addresses if not is_loopback(a.host)]
         if public and self.acl.loopback_only:
             log.warning("listening on %s with the default --allow: only loopback clients will be"
                         " answered (others get REFUSED); set --allow to the clients' CIDRs",
@@ -175,10 +175,6 @@ class DnsServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-
-def _is_loopback(host: str) -> bool:
-    return host.startswith("127.") or host == "::1"
 
 
 #: Net allocations of GC-tracked objects between two young-generation collections

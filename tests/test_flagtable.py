@@ -195,3 +195,19 @@ def test_command_line_updates_and_checks(tmp_path: Path) -> None:
     (tmp_path / "plain.md").write_text("no markers\n", encoding="utf-8")
     missing = run_module("--check", str(tmp_path / "plain.md"))
     assert missing.returncode == 2 and "flags:begin" in missing.stderr
+
+
+def test_flag_defaults_are_the_config_defaults():
+    """Every flag's default is Config's: parsing no flags (but an upstream, so
+    /etc/resolv.conf is not read) gives Config() field by field."""
+    import dataclasses
+
+    from sidecar.cli import parse_config
+    from sidecar.config import Config, HostPort
+
+    parsed = parse_config(["--upstream", "127.0.0.1:53"], env={})
+    expected = Config(upstreams=(HostPort("127.0.0.1", 53),))
+    differ = {f.name: (getattr(parsed, f.name), getattr(expected, f.name))
+              for f in dataclasses.fields(Config)
+              if getattr(parsed, f.name) != getattr(expected, f.name)}
+    assert not differ, differ

@@ -47,14 +47,13 @@ import ipaddress
 import json
 import logging
 import re
-import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from sidecar.config import HostPort
+from sidecar.config import HostPort, is_loopback
 from sidecar.dns.cache import Entry
 from sidecar.dns.types import TYPE_NUMBERS
 from sidecar.dns.wire import make_key
@@ -92,9 +91,8 @@ SHUTDOWN_TIMEOUT = 1.0
 YIELD_EVERY = 200
 
 _SUPPORTED_TYPES = ", ".join(sorted(TYPE_NUMBERS))
-# A plain host name (no escapes): its cache key is built without make_key's per-character loop.
+# A plain host name (no escapes): accepted without the full label check.
 _PLAIN_NAME = re.compile(r"[a-z0-9_*-]{1,63}(?:\.[a-z0-9_*-]{1,63})*")
-_TYPE_CLASS_IN = struct.Struct(">HH")
 _JSON = "application/json"
 #: Methods that change nothing: open to any Host, no body rules.
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -121,13 +119,7 @@ def error_response(status: int, message: str,
 def exposure_warning(addr: HostPort, token: str | None) -> str | None:
     """The start-up warning for an API reachable from other hosts without a token, or None
     (loopback address, or a token is set)."""
-    if token:
-        return None
-    try:
-        loopback = ipaddress.ip_address(addr.host).is_loopback
-    except ValueError:
-        loopback = False
-    if loopback:
+    if token or is_loopback(addr.host):
         return None
     return (f"--http {addr} is not a loopback address and no --api-token is set: anyone who"
             " can reach it may flush the cache and trigger lookups (DELETE /cache,"
@@ -217,16 +209,6 @@ def parse_name(raw: object, field: str) -> str:
     except WireError as exc:
         raise ApiError(400, f"{field}: {raw!r} is not a valid DNS name ({exc})") from None
     return name
-
-
-def cache_key(name: str, qtype: int) -> bytes:
-    """The cache key of a name accepted by :func:`parse_name` (same bytes as
-    :func:`sidecar.dns.wire.make_key`, faster for plain names)."""
-    if _PLAIN_NAME.fullmatch(name) and len(name) <= 253:
-        wire = b"".join(bytes((len(label),)) + label.encode("ascii")
-                        for label in name.split("."))
-        return wire + b"\x00" + _TYPE_CLASS_IN.pack(qtype, 1)
-    return make_key(name, qtype)
 
 
 def parse_type(raw: object, field: str) -> str:
@@ -462,7 +444,7 @@ class ApiServer:
         if name is None:
             raise ApiError(400, "name: required query parameter")
         qtype = parse_type(request.query.get("type", "A"), "type")
-        key = cache_key(name, TYPE_NUMBERS[qtype])
+        key = make_key(name, TYPE_NUMBERS[qtype])
         entry = self.sidecar.cache.get(key)
         if entry is None:
             raise ApiError(404, f"name: {name}/{qtype} is not in the cache")
@@ -486,10 +468,10 @@ class ApiServer:
             return web.json_response({"deleted": deleted})
         if raw_type is not None:
             qtype = parse_type(raw_type, "type")
-            deleted = int(cache.delete(cache_key(name, TYPE_NUMBERS[qtype])))
+            deleted = int(cache.delete(make_key(name, TYPE_NUMBERS[qtype])))
             log.info("API: cache entry %s/%s deleted", name, qtype)
             return web.json_response({"deleted": deleted, "name": name, "type": qtype})
-        deleted = cache.delete_name(cache_key(name, 1)[:-4])
+        deleted = cache.delete_name(make_key(name, 1)[:-4])
         log.info("API: cache entries of %s deleted (%d)", name, deleted)
         return web.json_response({"deleted": deleted, "name": name})
 
@@ -569,7 +551,7 @@ class ApiServer:
                            f" ({pw.inflight} of {pw.backlog} in progress); retry later",
                            {"Retry-After": str(PREWARM_RETRY_AFTER)})
         qtypes = [TYPE_NUMBERS[qtype] for _name, qtype in jobs]
-        keys = [cache_key(name, qt) for (name, _qtype), qt in zip(jobs, qtypes, strict=True)]
+        keys = [make_key(name, qt) for (name, _qtype), qt in zip(jobs, qtypes, strict=True)]
         no_aaaa_ttl = self.sidecar.config.max_negative_ttl
         now = self.sidecar.cache.clock
 
