@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from sidecar.errors import ConfigError
 
@@ -152,6 +153,28 @@ def is_loopback(host: str) -> bool:
 SHARED_CACHE_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster")
 
 
+def check_shared_cache_url(url: str) -> None:
+    """Raise :class:`ConfigError` naming ``--shared-cache`` unless ``url`` is a URL redis-py
+    can open: a known scheme, a host, a numeric port, and a numeric db (none for a
+    cluster, which has only db 0)."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in SHARED_CACHE_SCHEMES or not parts.netloc:
+        raise ConfigError("--shared-cache: expected a redis://, rediss://, redis+cluster://"
+                          f" or rediss+cluster:// URL, got {url.split('@')[-1]!r}")
+    where = parts.netloc.rpartition("@")[2]
+    try:
+        parts.port  # noqa: B018 (parsing it is the check)
+    except ValueError:
+        raise ConfigError(f"--shared-cache: bad port in {where!r}") from None
+    if not parts.hostname:
+        raise ConfigError(f"--shared-cache: no host in {where!r}")
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ConfigError(f"--shared-cache: the path must be a db number, got {db!r}")
+    if db not in ("", "0") and "cluster" in parts.scheme.lower():
+        raise ConfigError("--shared-cache: a Redis Cluster has only db 0")
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything the sidecar needs to run. Times are in seconds."""
@@ -225,12 +248,13 @@ class Config:
         if not 0 <= self.cache_save_interval < float("inf"):  # also refuses NaN
             raise ConfigError("--cache-save-interval: must be a finite number >= 0")
         if self.shared_cache is not None:
-            scheme = self.shared_cache.partition("://")[0].lower()
-            if "://" not in self.shared_cache or scheme not in SHARED_CACHE_SCHEMES:
-                raise ConfigError("--shared-cache: expected a redis://, rediss://,"
-                                  " redis+cluster:// or rediss+cluster:// URL")
+            check_shared_cache_url(self.shared_cache)
         if not self.shared_cache_prefix:
             raise ConfigError("--shared-cache-prefix: must not be empty")
+        if "{" in self.shared_cache_prefix or "}" in self.shared_cache_prefix:
+            # The key's hash tag is what follows the prefix: braces here would put every
+            # key of a Redis Cluster in one slot.
+            raise ConfigError("--shared-cache-prefix: must not contain '{' or '}'")
         if not 0 < self.shared_cache_timeout <= 10:  # also refuses NaN
             raise ConfigError("--shared-cache-timeout: must be between 1 and 10000 ms")
         if self.cache_memory < 1:

@@ -13,9 +13,11 @@ URL forms (password, username and db as redis-py parses them):
 * ``redis+cluster://[user:password@]host:port`` and ``rediss+cluster://...``: a Redis
   Cluster, discovered from that node (db must be 0).
 
-Keys: ``<prefix><name>/<qtype>/<qclass>`` for values (the name in presentation form,
+Keys: ``<prefix>{<name>/<qtype>/<qclass>}`` for values (the name in presentation form,
 lower-case, as ``qname_text`` escapes it) and the same plus ``/lease`` for the fleet's
-per-key lease, so an ACL can confine a sidecar to ``~<prefix>*``.
+per-key lease, so an ACL can confine a sidecar to ``~<prefix>*``. The braces are a Redis
+Cluster hash tag: a value and its lease live in one slot, so the lookup reads the value and
+claims the lease in one pipelined round trip.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -54,8 +56,15 @@ WRITE_DEADLINE_MIN: Final = 0.25
 #: Writes in flight at most; beyond, a write is dropped (and counted): a slow server must
 #: not collect an unbounded queue of them.
 MAX_WRITES: Final = 256
-#: Lookups (GETs, lease SETs) in flight at most; beyond, the miss goes straight upstream.
+#: Lookups (value and lease in one pipeline, or a poll) in flight at most; beyond, the miss
+#: goes straight upstream.
 MAX_READS: Final = 512
+#: Commands on the wire at once, and connections to one server, all opened by ``start()``: a
+#: burst of misses queues for them instead of opening a connection per lookup (a handshake
+#: of several round trips under a lookup's deadline: a cold burst used to blow it and open
+#: the breaker for everyone). Queueing past a deadline is our congestion, not the server's
+#: failure: it is counted as ``busy`` and leaves the breaker alone.
+POOL_SIZE: Final = 32
 #: Lifetime of a lease: how long the fleet defers to a sidecar resolving a name. Longer
 #: than any answer takes; a holder that died costs the others only their own wait.
 LEASE_TTL: Final = 1.0
@@ -91,15 +100,19 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
-def connect(url: str, timeout: float, max_connections: int) -> Redis | RedisCluster:
+def connect(url: str, timeout: float, max_connections: int,
+            pool_size: int = POOL_SIZE) -> Redis | RedisCluster:
     """The redis-py client for ``url``. No retries of its own: the caller's deadline and
-    breaker decide."""
+    breaker decide. A single server gets ``pool_size`` connections that callers wait for
+    (within their own deadline); a cluster's client opens up to ``max_connections`` per node
+    (redis-py's cluster client refuses a caller beyond its limit rather than queueing it)."""
     real, cluster = parse_url(url)
     kwargs: dict[str, Any] = dict(socket_timeout=timeout, socket_connect_timeout=timeout,
-                                  retry=Retry(NoBackoff(), 0), max_connections=max_connections)
+                                  retry=Retry(NoBackoff(), 0))
     if cluster:
-        return RedisCluster.from_url(real, **kwargs)
-    return Redis.from_url(real, **kwargs)
+        return RedisCluster.from_url(real, max_connections=max_connections, **kwargs)
+    return Redis.from_pool(BlockingConnectionPool.from_url(
+        real, max_connections=pool_size, timeout=None, **kwargs))
 
 
 class SharedCache:
@@ -130,6 +143,7 @@ class SharedCache:
         self.breaker = Breaker(self._probe)
         self._token = os.urandom(8).hex()
         self._reads = 0
+        self._wire = asyncio.Semaphore(POOL_SIZE)
         self._writes: set[asyncio.Task[None]] = set()
         self.rtt = LatencyTracker()
         self.hits = 0
@@ -149,46 +163,45 @@ class SharedCache:
     # ------------------------------------------------------------------ keys
 
     def data_key(self, key: bytes) -> bytes:
-        return b"%s%s/%d/%d" % (self._prefix, qname_text(key).encode(), key_type(key),
-                                int.from_bytes(key[-2:], "big"))
+        """``<prefix>{<name>/<qtype>/<qclass>}``: the braces are Redis Cluster's hash tag, so
+        the value and its lease (:meth:`lease_key`) hash to one slot and one pipeline."""
+        return b"%s{%s/%d/%d}" % (self._prefix, qname_text(key).encode(), key_type(key),
+                                  int.from_bytes(key[-2:], "big"))
 
     def lease_key(self, key: bytes) -> bytes:
         return self.data_key(key) + b"/lease"
 
     # ------------------------------------------------------------------ SecondLevel
 
-    async def get(self, key: bytes) -> RawEntry | None:
-        """The shared entry for ``key``, or None (absent, unusable, or the server is not
-        asked: breaker open, too many lookups in flight, deadline passed)."""
-        value = await self._read(self._client.get, self.data_key(key))
-        if value is _FAILED:
-            return None
-        if value is None:
-            self.misses += 1
-            return None
-        entry = self._decode(key, value)
-        if entry is None:
-            self.misses += 1
-        else:
-            self.hits += 1
-        return entry
+    async def lookup(self, key: bytes, wait: Callable[[], float]) -> RawEntry | None:
+        """The shared entry for ``key``, or None: resolve it upstream.
 
-    async def lease(self, key: bytes, wait: float) -> RawEntry | None:
-        """Take the fleet's lease on ``key`` (None: we hold it, resolve upstream) or, when
-        another sidecar holds it, poll for the entry it writes for at most ``wait`` seconds
-        (None at the end: resolve it yourself). None too whenever the server fails."""
-        got = await self._read(self._client.set, self.lease_key(key), self._token,
-                               nx=True, px=self.lease_ms)
+        One round trip reads the value and, in the same pipeline, claims the fleet's lease
+        (``SET NX``). A miss whose lease another sidecar holds polls the value for at most
+        ``wait()`` seconds. None too whenever the server is not asked (breaker open, too
+        many lookups in flight) or fails, and for a value that is unusable."""
+        data_key = self.data_key(key)
+        got = await self._read(self._get_and_lease, data_key)
         if got is _FAILED:
             return None
-        if got:
+        value, leased = got
+        if value is not None:
+            entry = self._decode(key, value)
+            if entry is not None:
+                self.hits += 1
+                return entry
+            # Unusable (often just expired between the two clocks): our own answer will
+            # replace it, lease or not.
+            self.misses += 1
+            return None
+        self.misses += 1
+        if leased:
             self.lease_won += 1
             return None
         self.lease_waited += 1
         loop = asyncio.get_running_loop()
-        until = loop.time() + wait
+        until = loop.time() + wait()
         delay = POLL_MIN
-        data_key = self.data_key(key)
         while (left := until - loop.time()) > 0:
             await asyncio.sleep(min(delay, left))
             delay = min(POLL_MAX, 2 * delay)
@@ -232,11 +245,16 @@ class SharedCache:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Open a first connection (a failure opens the breaker; never raises)."""
-        ok = await self._timed(self._client.ping(), self.write_deadline)
+        """Open the connections (a failure opens the breaker; never raises)."""
+        ok = await self._timed(self._warm(), self.write_deadline)
         if ok is _FAILED:
             log.warning("shared cache %s not reachable at start; DNS works without it",
                         self.url)
+
+    async def flush(self, timeout: float) -> None:
+        """Wait at most ``timeout`` seconds for the background writes in flight now."""
+        if self._writes:
+            await asyncio.wait(list(self._writes), timeout=timeout)
 
     async def close(self) -> None:
         """Stop probing, give writes in flight one write deadline, close the connections."""
@@ -298,14 +316,50 @@ class SharedCache:
             return _FAILED
         self._reads += 1
         try:
-            return await self._timed(command(*args, **kwargs), self.deadline)
+            if not await self._acquire(self.deadline):
+                self.busy += 1
+                return _FAILED
+            try:
+                return await self._timed(command(*args, **kwargs), self.deadline)
+            finally:
+                self._wire.release()
         finally:
             self._reads -= 1
 
+    async def _acquire(self, deadline: float) -> bool:
+        if not self._wire.locked():
+            await self._wire.acquire()  # free: returns without suspending
+            return True
+        try:
+            async with asyncio.timeout(deadline):
+                await self._wire.acquire()
+        except TimeoutError:
+            return False
+        return True
+
+    async def _get_and_lease(self, data_key: bytes) -> tuple[bytes | None, bool]:
+        # Not a transaction (MULTI/EXEC): nothing needs both commands atomic, and a plain
+        # pipeline is one write and one read on the socket, on a cluster too (one slot).
+        pipe = self._client.pipeline(transaction=False)
+        pipe.get(data_key)
+        pipe.set(data_key + b"/lease", self._token, nx=True, px=self.lease_ms)
+        value, leased = await pipe.execute()
+        return value, bool(leased)
+
     async def _write(self, data_key: bytes, value: bytes, px: int) -> None:
-        if await self._timed(self._client.set(data_key, value, px=px),
-                             self.write_deadline) is not _FAILED:
-            self.writes += 1
+        if not await self._acquire(self.write_deadline):
+            self.write_drops += 1
+            return
+        try:
+            if await self._timed(self._client.set(data_key, value, px=px),
+                                 self.write_deadline) is not _FAILED:
+                self.writes += 1
+        finally:
+            self._wire.release()
+
+    async def _warm(self) -> None:
+        # Concurrent PINGs: each takes a connection of its own, so the pool is full after.
+        await asyncio.gather(*(self._client.ping() for _ in range(POOL_SIZE)))
 
     async def _probe(self) -> bool:
         return await self._timed(self._client.ping(), self.write_deadline,

@@ -307,11 +307,9 @@ class Fetcher:
 
     async def _from_second(self, key: bytes, second: SecondLevel) -> RawEntry | None:
         """The second level's entry for ``key``, now in the local cache; None: ask upstream."""
-        entry = await second.get(key)
+        entry = await second.lookup(key, lambda: self._lease_wait(key))
         if entry is None:
-            entry = await second.lease(key, self._lease_wait(key))
-            if entry is None:
-                return None
+            return None
         now = self.clock()
         why = check_outside(key, entry, self.scrub_policy, self.policy, now)
         if why is not None:

@@ -9,20 +9,19 @@ second level that cannot answer in time answers None.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from sidecar.dns.cache import RawEntry
 
 
 class SecondLevel(Protocol):
-    async def get(self, key: bytes) -> RawEntry | None:
-        """The entry for ``key`` (times on the local cache's clock), or None."""
-        ...
+    async def lookup(self, key: bytes, wait: Callable[[], float]) -> RawEntry | None:
+        """The entry for ``key`` (times on the local cache's clock), or None: resolve it.
 
-    async def lease(self, key: bytes, wait: float) -> RawEntry | None:
-        """Claim the right to resolve ``key`` for the fleet. None: resolve it (we hold the
-        lease, or the second level could not say); an entry: another sidecar resolved it
-        while we waited, at most ``wait`` seconds."""
+        On a miss it claims the right to resolve ``key`` for the fleet; when another sidecar
+        holds that right, it waits for that sidecar's entry at most ``wait()`` seconds
+        (called only then: it costs a little)."""
         ...
 
     def put(self, key: bytes, entry: RawEntry) -> None:
@@ -30,5 +29,5 @@ class SecondLevel(Protocol):
         ...
 
     def reject(self, key: bytes, reason: str) -> None:
-        """An entry :meth:`get` or :meth:`lease` returned failed the miss path's checks."""
+        """An entry :meth:`lookup` returned failed the miss path's checks."""
         ...

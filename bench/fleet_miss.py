@@ -1,0 +1,165 @@
+"""Sidecar CPU per cache miss with the fleet's shared cache on a loopback redis-server.
+
+``bench.miss_micro``'s layout (its minimal responder pinned to CPU 0, an in-process sidecar
+pinned to CPU 1, distinct never-seen names, half A and half AAAA), plus a redis-server on
+CPU 0 as ``--shared-cache``. Every miss is a shared miss: it pays the lookup and the lease
+before asking upstream, and a background write after. ``--no-shared`` runs the same
+measurement without the shared cache, for the difference on the same machine and moment.
+
+    python -m bench.fleet_miss [--burst 250] [--rounds 3] [--no-shared]
+
+Per round: sequential p50/p90 latency, burst CPU per miss (process and main thread), and
+the shared cache's round-trip counters (so the round trips per miss are a count, not a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from bench import common
+from bench.miss_micro import _query, _wait_ready
+from sidecar import Config, HostPort, Sidecar
+from sidecar.server import tune_gc
+from sidecar.testing.redisserver import RedisServer
+
+
+def _commands(srv: RedisServer) -> dict[str, int]:
+    """The server's per-command call counts (INFO commandstats)."""
+    out: dict[str, int] = {}
+    for line in srv.cli("info", "commandstats").splitlines():
+        if line.startswith("cmdstat_"):
+            name, _, rest = line.partition(":")
+            calls = rest.split(",")[0].partition("=")[2]
+            out[name[len("cmdstat_"):]] = int(calls)
+    return out
+
+
+def _round_trips(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after.get(k, 0) - before.get(k, 0) for k in after
+            if after.get(k, 0) != before.get(k, 0)}
+
+
+async def measure(port: int, burst: int, rounds: int, srv: RedisServer | None,
+                  deadline: float) -> list[dict]:
+    sc = Sidecar(Config(listen=(HostPort("127.0.0.1", 0),), http=None,
+                        upstreams=(HostPort("127.0.0.1", port),), timeout=2.0, tries=2,
+                        shared_cache=srv.url if srv is not None else None,
+                        shared_cache_timeout=deadline))
+    await sc.start()
+    tune_gc()
+    loop = asyncio.get_running_loop()
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    s.setblocking(False)
+    s.connect(("127.0.0.1", sc.dns_addresses[0].port))
+    tag = f"f{os.getpid()}"
+    results = []
+    try:
+        # One unmeasured burst first: it opens the client's pool of connections, whose
+        # set-up (and the deadlines it may blow) is not a miss's steady cost.
+        for i in range(burst):
+            s.send(_query(f"w{i}.{tag}.test", 1, i & 0xFFFF))
+        for _ in range(burst):
+            await asyncio.wait_for(loop.sock_recv(s, 4096), 10)
+        await _settle(sc)
+        for rnd in range(rounds):
+            lat = []
+            for i in range(300):
+                t0 = time.perf_counter()
+                await loop.sock_sendall(s, _query(f"s{i}.r{rnd}.{tag}.test",
+                                                  1 if i % 2 else 28, i))
+                await asyncio.wait_for(loop.sock_recv(s, 4096), 5)
+                lat.append(time.perf_counter() - t0)
+            lat.sort()
+            await _settle(sc)
+            cmds0 = _commands(srv) if srv is not None else {}
+            c0, m0, t0 = time.process_time(), time.thread_time(), time.perf_counter()
+            for i in range(burst):
+                s.send(_query(f"b{i}.r{rnd}.{tag}.test", 1 if i % 2 else 28, i & 0xFFFF))
+            for _ in range(burst):
+                await asyncio.wait_for(loop.sock_recv(s, 4096), 10)
+            await _settle(sc)  # the background writes are part of a miss's cost
+            wall = time.perf_counter() - t0
+            cpu, main_cpu = time.process_time() - c0, time.thread_time() - m0
+            row: dict[str, Any] = {
+                "seq_p50_us": lat[150] * 1e6, "seq_p90_us": lat[270] * 1e6,
+                "burst_ms": wall * 1e3, "cpu_per_miss_us": cpu / burst * 1e6,
+                "main_cpu_per_miss_us": main_cpu / burst * 1e6}
+            if srv is not None:
+                row["redis_calls"] = _round_trips(cmds0, _commands(srv))
+                st = sc.shared.stats() if sc.shared is not None else {}
+                row["shared"] = {k: st[k] for k in ("busy", "skipped", "write_drops", "state",
+                                                    "errors")}
+            results.append(row)
+            print(f"round {rnd}: sequential p50 {row['seq_p50_us']:.0f} us, p90 "
+                  f"{row['seq_p90_us']:.0f} us; burst of {burst}: {row['burst_ms']:.0f} ms, "
+                  f"CPU/miss {row['cpu_per_miss_us']:.0f} us (main thread "
+                  f"{row['main_cpu_per_miss_us']:.0f}) {row.get('redis_calls', '')} "
+                  f"{row.get('shared', '')}", flush=True)
+    finally:
+        s.close()
+        await sc.stop()
+    return results
+
+
+async def _settle(sc: Sidecar, seconds: float = 10.0) -> None:
+    """Wait (bounded) for the shared cache's background writes."""
+    if sc.shared is not None:
+        await sc.shared.flush(seconds)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--burst", type=int, default=250,
+                    help="misses sent at once; at most 256 so no write is dropped (MAX_WRITES)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--port", type=int, default=25391, help="the responder's UDP port")
+    ap.add_argument("--no-shared", action="store_true", help="without the shared cache")
+    ap.add_argument("--deadline-ms", type=float, default=1000.0,
+                    help="--shared-cache-timeout: long by default, so that a burst that "
+                         "saturates the CPU still takes the whole shared path per miss "
+                         "instead of skipping it (counted as busy)")
+    ap.add_argument("--save", action="store_true", help="save bench/results/fleet_miss.json")
+    a = ap.parse_args()
+    two = common.have_cpus() > 1
+    cmd = [sys.executable, "-m", "bench.miss_micro", "--responder", "--port", str(a.port)]
+    proc = subprocess.Popen((["taskset", "-c", "0"] if two else []) + cmd,
+                            cwd=str(common.REPO_DIR))
+    srv = None if a.no_shared else RedisServer()
+    try:
+        if srv is not None:
+            srv.start()
+            if two:
+                subprocess.run(["taskset", "-p", "-c", "0", str(srv.proc.pid)],
+                               capture_output=True, check=False)
+        if two:
+            os.sched_setaffinity(0, {1})
+        _wait_ready(a.port)
+        try:
+            import uvloop
+            rows = uvloop.run(measure(a.port, a.burst, a.rounds, srv, a.deadline_ms / 1000))
+        except ImportError:
+            rows = asyncio.run(measure(a.port, a.burst, a.rounds, srv, a.deadline_ms / 1000))
+        if a.save:
+            path = common.save_json("fleet_miss", {
+                "config": {"burst": a.burst, "rounds": a.rounds, "shared": srv is not None,
+                           "deadline_ms": a.deadline_ms},
+                "rounds": rows})
+            print(f"saved {path}")
+    finally:
+        if srv is not None:
+            srv.cleanup()
+        proc.terminate()
+        proc.wait(5)
+
+
+if __name__ == "__main__":
+    main()
