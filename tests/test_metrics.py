@@ -174,6 +174,29 @@ async def test_hardening_counters(up: FakeUpstream) -> None:
         assert value(got, "dns_sidecar_resolver_shed_total") == 3
 
 
+async def test_snapshot_metrics(up: FakeUpstream, tmp_path: Path) -> None:
+    """With --cache-file: what was loaded, the last save's duration and size, the counts."""
+    async with running(up, cache_file=str(tmp_path / "cache.snap")) as sc:
+        got = samples((await scrape(sc))[1])
+        assert value(got, "dns_sidecar_snapshot_entries_loaded") == 0
+        assert value(got, "dns_sidecar_snapshot_saves_total") == 0
+        assert not any(n.startswith("dns_sidecar_snapshot_size") for n, _ in got)
+        await dns_query(sc, "www.example.test")
+        assert sc.snapshot is not None
+        result = await sc.snapshot.save()
+        got = samples((await scrape(sc))[1])
+        assert value(got, "dns_sidecar_snapshot_saves_total") == 1
+        assert value(got, "dns_sidecar_snapshot_save_errors_total") == 0
+        assert value(got, "dns_sidecar_snapshot_size_bytes") == result.bytes > 0
+        assert value(got, "dns_sidecar_snapshot_save_duration_seconds") >= 0
+    async with running(up, cache_file=str(tmp_path / "cache.snap")) as sc:
+        got = samples((await scrape(sc))[1])
+        assert value(got, "dns_sidecar_snapshot_entries_loaded") == len(sc.cache) >= 1
+    async with running(up) as sc:  # no --cache-file: no snapshot metrics
+        got = samples((await scrape(sc))[1])
+        assert not any(n.startswith("dns_sidecar_snapshot") for n, _ in got)
+
+
 async def test_metrics_follow_upstream_failures(up: FakeUpstream, sc: Sidecar) -> None:
     up.drop = True
     for i in range(3):  # three timeouts quarantine the only server
