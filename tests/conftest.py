@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 import socket
 import time
@@ -16,6 +17,8 @@ import dns.rdatatype
 import pytest
 
 from sidecar import Config, HostPort, Sidecar
+from sidecar.dns.cache import Cache
+from sidecar.testing.clock import OffsetClock
 from sidecar.testing.fakeupstream import FakeUpstream
 from tests.client_servers import ClientTarget, client_target
 from tests.helpers import fake_upstream, running
@@ -99,11 +102,20 @@ async def sidecar(make_sidecar) -> RunningSidecar:
     return await make_sidecar()
 
 
-def expire_all(cache, ago: float = 1.0) -> None:
-    """Make every cache entry look expired ``ago`` seconds ago (instead of waiting)."""
-    now = time.monotonic()
-    for key in list(cache.entries):
-        cache.backdate(key, cache.get(key).expires - now + ago)
+@pytest.fixture
+def clock(monkeypatch) -> OffsetClock:
+    """The clock of every sidecar the test then makes (its cache's, which the DNS and the
+    miss path read): ``clock.advance(s)`` ages the cache by ``s`` seconds at once."""
+    clock = OffsetClock()
+    monkeypatch.setattr("sidecar.server.Cache", functools.partial(Cache, clock=clock))
+    return clock
+
+
+def expire_all(cache: Cache, clock: OffsetClock, ago: float = 1.0) -> None:
+    """Move ``clock`` until every entry of ``cache`` expired ``ago`` seconds ago (or more),
+    instead of waiting."""
+    now = clock()
+    clock.advance(max(0.0, max(e.expires for _k, e in cache.items()) - now) + ago)
 
 
 class RawUdp:

@@ -31,6 +31,7 @@ from sidecar.dns.wire import make_key
 from sidecar.ops.api import ApiServer, exposure_warning, parse_name, parse_type
 from sidecar.ops.openapi import openapi_document
 from sidecar.ops.present import decode_entry, entry_records, final_records
+from sidecar.testing.clock import OffsetClock
 from sidecar.testing.fakeupstream import FakeUpstream
 from tests.helpers import call, dns_query, make_config, running, url
 
@@ -224,11 +225,13 @@ async def test_cache_get_entry(sc: Sidecar, http: aiohttp.ClientSession) -> None
     assert 0 < body["ttl"] <= 60
 
 
-async def test_cache_get_stale_entry(sc: Sidecar, http: aiohttp.ClientSession) -> None:
-    await dns_query(sc, "www.example.test")
-    key = next(iter(sc.cache.entries))
-    sc.cache.backdate(key, sc.cache.get(key).remaining() + 5)  # as if 5 s past its TTL
-    status, body, _ = await call(http, "GET", url(sc, "/cache?name=www.example.test"))
+async def test_cache_get_stale_entry(clock: OffsetClock, up: FakeUpstream,
+                                     http: aiohttp.ClientSession) -> None:
+    async with running(up) as sc:
+        await dns_query(sc, "www.example.test")
+        key = next(iter(sc.cache.entries))
+        clock.advance(sc.cache.get(key).remaining(clock()) + 5)  # as if 5 s past its TTL
+        status, body, _ = await call(http, "GET", url(sc, "/cache?name=www.example.test"))
     assert status == 200
     assert body["stale"] is True
     assert body["ttl"] == 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import struct
 
 import dns.asyncquery
@@ -13,24 +12,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from sidecar.dns.cache import Cache
-from sidecar.testing.clock import OffsetClock
-from tests.conftest import query
-
-
-@pytest.fixture
-def clock(monkeypatch) -> OffsetClock:
-    """The clock of every sidecar the test then makes (its cache's, which the DNS and the
-    miss path read): ``clock.advance(s)`` ages the cache by ``s`` seconds at once."""
-    clock = OffsetClock()
-    monkeypatch.setattr("sidecar.server.Cache", functools.partial(Cache, clock=clock))
-    return clock
-
-
-def expire_all(cache: Cache, clock: OffsetClock) -> None:
-    """Move ``clock`` until every entry of ``cache`` expired 1 s ago (or more)."""
-    now = clock()
-    clock.advance(max(0.0, max(e.expires for _k, e in cache.items()) - now) + 1.0)
+from tests.conftest import expire_all, query
 
 
 def rrset_texts(msg: dns.message.Message, rdtype: str) -> list[str]:

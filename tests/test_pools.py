@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import dns.rcode
 import pytest
@@ -120,10 +119,10 @@ async def test_zone_routing_longest_suffix(make_sidecar, upstream, second_upstre
     assert pools.pool_for("xcorp.internal").name == ""
 
 
-async def test_serve_stale_when_upstreams_fail(make_sidecar, upstream):
+async def test_serve_stale_when_upstreams_fail(make_sidecar, upstream, clock):
     sc = await make_sidecar(serve_stale=60, timeout=0.2, tries=1)
     await sc.query("www.example.test")
-    expire_all(sc.cache, ago=1)
+    expire_all(sc.cache, clock, ago=1)
     upstream.drop = True
     r = await sc.query("www.example.test")
     assert r.rcode() == dns.rcode.NOERROR
@@ -135,31 +134,31 @@ async def test_serve_stale_when_upstreams_fail(make_sidecar, upstream):
     assert sc.cache.stale_served == 2
 
 
-async def test_no_serve_stale_beyond_window(make_sidecar, upstream):
+async def test_no_serve_stale_beyond_window(make_sidecar, upstream, clock):
     sc = await make_sidecar(serve_stale=10, timeout=0.2, tries=1)
     await sc.query("www.example.test")
-    expire_all(sc.cache, ago=11)
+    expire_all(sc.cache, clock, ago=11)
     upstream.drop = True
     r = await sc.query("www.example.test")
     assert r.rcode() == dns.rcode.SERVFAIL
 
 
-async def test_serve_stale_off_gives_servfail(make_sidecar, upstream):
+async def test_serve_stale_off_gives_servfail(make_sidecar, upstream, clock):
     sc = await make_sidecar(timeout=0.2, tries=1)
     await sc.query("www.example.test")
-    expire_all(sc.cache, ago=1)
+    expire_all(sc.cache, clock, ago=1)
     upstream.drop = True
     r = await sc.query("www.example.test")
     assert r.rcode() == dns.rcode.SERVFAIL
 
 
-async def test_prefetch_refreshes_before_expiry_once(make_sidecar, upstream):
+async def test_prefetch_refreshes_before_expiry_once(make_sidecar, upstream, clock):
     sc = await make_sidecar(prefetch=True)
     await sc.query("www.example.test")
     ((key, entry),) = sc.cache.items()
     assert entry.prefetch_at < entry.expires  # at 90% of the TTL
     # As if 1 s into the last 10% of the TTL.
-    sc.cache.backdate(key, entry.prefetch_at - time.monotonic() + 1)
+    clock.advance(entry.prefetch_at - clock() + 1)
     entry = sc.cache.get(key)
     replies = await asyncio.gather(*(sc.query("www.example.test") for _ in range(20)))
     assert all(r.answer for r in replies)  # all served from the cache

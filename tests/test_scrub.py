@@ -379,6 +379,14 @@ def test_cname_loop_and_endless_chain_have_no_data():
     assert all(r.type == CNAME for r in out.answer) and len(out.answer) == MAX_CHAIN
 
 
+def test_a_looping_chain_keeps_no_soa():
+    """The SOA of the question's zone is not about a chain that loops out of it (found by
+    test_scrub_properties)."""
+    loop = [rec_cname("a.test", "b.test"), rec_cname("b.test", "b.test")]
+    out = scrub("a.test", A, Answer(NOERROR, loop, [rec_soa("a.test")]), NO_POLICY)
+    assert [r.type for r in out.answer] == [CNAME, CNAME] and out.authority == []
+
+
 @pytest.mark.parametrize(("qname", "answer", "soa_owner", "kept"), [
     ("nope.example.test", [], "example.test", True),
     ("nope.example.test", [], "nope.example.test", True),             # the name itself (NODATA)

@@ -244,16 +244,6 @@ class Cache:
         if self.entries.get(key) is e:
             self.entries[key] = e[:PREFETCH_AT] + (NEVER,)
 
-    def backdate(self, key: bytes, seconds: float) -> None:
-        """Deprecated: tests only, use an injected clock (``Cache(..., clock=OffsetClock())``
-        and ``clock.advance(seconds)``).
-
-        Pretend the entry was stored ``seconds`` earlier: ages it, or with a large value
-        expires it, without waiting."""
-        e = self.entries[key]
-        self.entries[key] = (e[:STORED] + (e[STORED] - seconds, e[EXPIRES] - seconds)
-                             + e[AGE:PREFETCH_AT] + (e[PREFETCH_AT] - seconds,))
-
     def put(self, key: bytes, entry: RawEntry) -> bool:
         """Insert or replace (a replaced entry counts as used); evict beyond either bound.
         False when ``entry`` is too large to store (any older entry for ``key`` is dropped:

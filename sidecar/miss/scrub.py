@@ -201,7 +201,11 @@ def scrub(name: str, qtype: int, answer: Answer, policy: ScrubPolicy) -> Answer:
         if policy.private and qtype in (_A, _AAAA):
             return _private(name, qtype, answer, final, chain, policy)
         return Answer(answer.rcode, chain + final, [])
-    return Answer(answer.rcode, chain, _soa(answer.authority, end or _wire(name)))
+    if not end:
+        # A loop or an endless chain has no last target: no zone's SOA is about it (the
+        # question's zone is not: the chain leaves it).
+        return Answer(answer.rcode, chain, [])
+    return Answer(answer.rcode, chain, _soa(answer.authority, end))
 
 
 def _soa(authority: list[Rec], about: bytes) -> list[Rec]:
