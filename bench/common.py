@@ -43,8 +43,13 @@ def python_exe() -> str:
     return sys.executable
 
 
+#: The CPUs this benchmark may use, read once at import: a benchmark that then pins itself
+#: to one CPU (os.sched_setaffinity) must still pin its children to the others.
+_CPUS = len(os.sched_getaffinity(0))
+
+
 def have_cpus() -> int:
-    return len(os.sched_getaffinity(0))
+    return _CPUS
 
 
 def taskset_prefix(cpu: int | None) -> list[str]:
