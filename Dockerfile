@@ -16,17 +16,25 @@ ARG PYTHON_VERSION=3.11
 
 # ---------------------------------------------------------------------------------------
 # Stage 1: build the wheel of this project (nothing else; dependencies are binary wheels).
+# The wheel carries the compiled UDP fast path (sidecar/dns/_fastudp.c), so this stage, and
+# only this one, has a C compiler; the image refuses to build if the extension did not
+# compile (setup.py marks it optional, which would otherwise leave a pure-Python wheel).
 FROM python:${PYTHON_VERSION}-slim-bookworm AS build
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY sidecar/ sidecar/
 COPY client/ client/
-RUN python -m pip wheel --no-deps --wheel-dir /dist .
+RUN python -m pip wheel --no-deps --wheel-dir /dist . \
+    && python -m zipfile -l /dist/dns_sidecar-*.whl | grep -q "sidecar/dns/_fastudp"
 
 # ---------------------------------------------------------------------------------------
 # Stage 2: a clean runtime with only the installed wheel (with the `fast` extra: uvloop).

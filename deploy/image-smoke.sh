@@ -158,6 +158,9 @@ took=$("$PY" -c "import sys; print(round($(date +%s.%N) - $t0, 2))")
 [ "$rc" = 0 ] || { say "FAIL: SIGTERM exit code $rc"; cat "$work/sidecar.log"; exit 1; }
 "$PY" -c "import sys; sys.exit(0 if $took <= 8 else 1)" || { say "FAIL: SIGTERM took ${took}s"; exit 1; }
 say "SIGTERM: exit 0 after ${took}s (lameduck 1 s)"
+grep -q "udp path compiled" "$work/sidecar.log" || {
+  say "FAIL: the image does not run the compiled UDP fast path"; cat "$work/sidecar.log"; exit 1; }
+say "the image runs the compiled UDP fast path"
 if bh run "${run_env[@]}" "$ctr" -- "${hc[@]}" >/dev/null 2>&1; then
   say "FAIL: HEALTHCHECK passes with the sidecar stopped"; exit 1
 fi

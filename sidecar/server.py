@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Self
 
 from sidecar.config import Config, HostPort, is_loopback, read_resolv_conf
+from sidecar.dns import fastudp
 from sidecar.dns.acl import Acl
 from sidecar.dns.cache import Cache
 from sidecar.dns.handler import QueryHandler
@@ -111,7 +112,8 @@ class DnsServer:
         zones = "".join(f"; zone {z}: " + ",".join(u.address for u in p.upstreams)
                         for z, p in self.pools.zones.items())
         qcache = "on (could not disable)" if cares.qcache_disabled is False else "off"
-        return (f"listening on {', '.join(map(str, self.dns_addresses))} (udp+tcp); upstreams "
+        return (f"listening on {', '.join(map(str, self.dns_addresses))} (udp+tcp; udp path "
+                f"{self.udp_path}); upstreams "
                 f"{','.join(u.address for u in self.pools.default.upstreams)}{zones}; udp "
                 f"rcvbuf {self.udp_rcvbuf} bytes; c-ares query cache {qcache}")
 
@@ -140,6 +142,13 @@ class DnsServer:
                  ",".join(map(str, upstreams)),
                  "".join(f"; zone {z}: " + ",".join(map(str, a)) for z, a in zones),
                  len(self.cache))
+
+    @property
+    def udp_path(self) -> str:
+        """``compiled`` when every UDP listener runs the compiled fast path
+        (sidecar/dns/fastudp.py), else ``python``."""
+        fast = bool(self.udp) and all(fastudp.is_fast(u) for u in self.udp)
+        return "compiled" if fast else "python"
 
     @property
     def ready(self) -> bool:

@@ -183,7 +183,8 @@ async def test_stats_udp_kernel_counters(sc: Sidecar, http: aiohttp.ClientSessio
     await dns_query(sc, "www.example.test")
     _, stats, _ = await call(http, "GET", url(sc, "/stats"))
     udp = stats["udp"]
-    assert set(udp) == {"errors", "kernel_drops", "rcvbuf", "host_rcvbuf_errors"}
+    assert set(udp) == {"errors", "kernel_drops", "rcvbuf", "host_rcvbuf_errors", "path"}
+    assert udp["path"] == sc.udp_path in ("compiled", "python")
     assert udp["rcvbuf"] == stats["udp_rcvbuf"] == sc.udp_rcvbuf > 0
     if LINUX:
         assert isinstance(udp["kernel_drops"], int) and udp["kernel_drops"] >= 0

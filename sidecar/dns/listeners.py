@@ -20,6 +20,7 @@ from functools import partial
 from typing import TYPE_CHECKING, cast
 
 from sidecar.config import HostPort
+from sidecar.dns import fastudp
 from sidecar.dns.reuseport import steer_to
 from sidecar.errors import StartupError
 from sidecar.log import limit_repeats
@@ -41,6 +42,10 @@ TCP_WRITE_HIGH = 64 * 1024
 #: Unsent reply bytes above which a connection is dropped (misses answered after the pause
 #: still add to it): sixteen replies of the largest size.
 TCP_MAX_BUFFERED = 16 * 65537
+
+
+def _same(udp: UdpListener) -> UdpListener:
+    return udp
 
 
 def _not_connected(data: bytes, addr: tuple) -> None:
@@ -94,6 +99,11 @@ class UdpListener(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         # ICMP errors for replies to vanished clients: nothing to do.
         self.errors += 1
+
+    def _hit_failed(self, exc: BaseException | None, host: str | None) -> None:
+        """The compiled path's twin of ``datagram_received``'s except block."""
+        self.errors += 1
+        log.error("handler failed on a UDP query from %s", host, exc_info=exc)
 
 
 class TcpConnection(asyncio.Protocol):
@@ -398,6 +408,7 @@ async def open_listeners(addrs: tuple[HostPort, ...], handle: Handle, *, rcvbuf:
     # sidecar, in-process ones included; every sidecar module is imported by now.
     limit_repeats()
     loop = asyncio.get_running_loop()
+    fast, why = fastudp.status()
     udps: list[UdpListener] = []
     tcps: list[TcpListener] = []
     bound: list[HostPort] = []
@@ -428,8 +439,11 @@ async def open_listeners(addrs: tuple[HostPort, ...], handle: Handle, *, rcvbuf:
                     steer_to(sock)
                     for listening in tcp.server.sockets:
                         steer_to(listening)
-                _t, udp = await loop.create_datagram_endpoint(
-                    lambda: UdpListener(handle), sock=sock)
+                udp = UdpListener(handle)
+                if fastudp.attach(loop, sock, udp, handle) is None:
+                    if fast:
+                        fast, why = False, "the handler is not a QueryHandler's own handle"
+                    await loop.create_datagram_endpoint(partial(_same, udp), sock=sock)
                 udps.append(udp)
                 tcps.append(tcp)
                 bound.append(real)
@@ -437,6 +451,11 @@ async def open_listeners(addrs: tuple[HostPort, ...], handle: Handle, *, rcvbuf:
     except BaseException:
         await close_listeners(udps, tcps, drain=0)
         raise
+    # Which UDP path runs. A missing extension is an install without a compiler, worth a
+    # line at the default level; the rest is the expected state and stays at debug, so the
+    # start-up log keeps its one "listening on" line.
+    log.log(logging.WARNING if fastudp.missing() else logging.DEBUG, "UDP path: %s (%s)",
+            "compiled fast path" if fast else "Python", why)
     return udps, tcps, bound, granted
 
 

@@ -128,6 +128,9 @@ def _schemas(max_names: int, max_lookups: int, response_budget: int) -> dict[str
                                                 " tell (not Linux)"},
                 "rcvbuf": {**_INT, "description": "receive buffer the kernel granted each UDP"
                                                   " socket, bytes"},
+                "path": {"type": "string", "enum": ["compiled", "python"],
+                         "description": "the UDP path serving cache hits: the compiled fast"
+                                        " path or the pure-Python one"},
                 "host_rcvbuf_errors": {"type": ["integer", "null"], "minimum": 0,
                                        "description": "datagrams dropped for a full receive"
                                                       " buffer on any UDP socket of the"

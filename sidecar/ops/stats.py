@@ -49,6 +49,9 @@ class StatsSource(Protocol):
     @property
     def uptime(self) -> float: ...
 
+    @property
+    def udp_path(self) -> str: ...
+
 #: Upstream outcomes that are failures, reported under ``errors`` in ``/stats``.
 ERROR_KINDS = ("timeout", "servfail", "refused", "unreachable", "error")
 
@@ -154,18 +157,20 @@ def tcp_stats(sidecar: StatsSource) -> dict[str, int]:
     }
 
 
-def udp_stats(sidecar: StatsSource) -> dict[str, int | None]:
+def udp_stats(sidecar: StatsSource) -> dict[str, Any]:
     """``/stats`` ``udp``: socket errors (summed over the UDP listeners); ``kernel_drops``,
     datagrams the kernel dropped on those sockets; ``rcvbuf``, the receive buffer the kernel
     granted each socket (bytes); ``host_rcvbuf_errors``, datagrams dropped for a full receive
     buffer on any UDP socket of the network namespace since boot. The kernel counts are None
-    where the kernel does not tell (not Linux)."""
+    where the kernel does not tell (not Linux). ``path``: ``compiled`` or ``python``, the UDP
+    path that serves the hits (docs/fastpath.md)."""
     return {
         "errors": sum(u.errors for u in sidecar.udp),
         "kernel_drops": kernel.udp_socket_drops(u.transport.get_extra_info("socket")
                                                 for u in sidecar.udp if u.transport is not None),
         "rcvbuf": sidecar.udp_rcvbuf,
         "host_rcvbuf_errors": kernel.host_rcvbuf_errors(),
+        "path": sidecar.udp_path,
     }
 
 
