@@ -7,6 +7,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import dns.message
 import dns.query
@@ -30,29 +32,47 @@ def threaded_upstream():
 
 
 class Proc:
+    """A sidecar process; a thread reads its stderr into ``lines`` (so the process never
+    blocks on a full pipe, and no line is missed when several arrive in one read)."""
+
     def __init__(self, args: list[str]) -> None:
         self.p = subprocess.Popen(sidecar_cmd(*args), stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
+        self._seen = 0
+        self._new = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.p.stderr is not None
+        for line in iter(self.p.stderr.readline, ""):
+            with self._new:
+                self.lines.append(line)
+                self._new.notify_all()
+        with self._new:
+            self._new.notify_all()
 
     def wait_for_line(self, needle: str, timeout: float = 15) -> str:
-        import selectors
-
-        sel = selectors.DefaultSelector()
-        sel.register(self.p.stderr, selectors.EVENT_READ)
-        import time
-
+        """The first line logged after the last one this returned that contains
+        ``needle``."""
         end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if not sel.select(timeout=end - time.monotonic()):
-                break
-            line = self.p.stderr.readline()
-            if not line:
-                break
-            self.lines.append(line)
-            if needle in line:
-                return line
-        raise AssertionError(f"{needle!r} not logged; got {self.lines!r}")
+        with self._new:
+            while True:
+                for i in range(self._seen, len(self.lines)):
+                    if needle in self.lines[i]:
+                        self._seen = i + 1
+                        return self.lines[i]
+                left = end - time.monotonic()
+                if left <= 0 or not self._reader.is_alive():
+                    raise AssertionError(f"{needle!r} not logged; got {self.lines!r}")
+                self._new.wait(left)
+
+    def finish(self, timeout: float) -> str:
+        """Wait for the exit; all it wrote to stderr."""
+        self.p.wait(timeout=timeout)
+        self._reader.join(timeout)
+        return "".join(self.lines)
 
     def kill(self) -> None:
         if self.p.poll() is None:
@@ -98,7 +118,7 @@ def test_bad_flag_exits_2_with_one_line(procs):
                          (["--upstream", "127.0.0.1", "--min-ttl", "90", "--max-ttl", "60"],
                           "--min-ttl")):
         pr = procs(*args)
-        out, err = pr.p.communicate(timeout=20)
+        err = pr.finish(timeout=20)
         assert pr.p.returncode == 2, (args, err)
         lines = err.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0], (args, err)
@@ -222,18 +242,13 @@ def test_repeated_log_lines_are_rate_limited_in_the_process(threaded_upstream, p
     """Per-query warnings (here: upstream slots full against a silent upstream) from 1,000
     queries come out as at most a few lines per template and second, not one per query."""
     import re
-    import threading
-    import time
 
     threaded_upstream.drop = True
     port = free_port()
     pr = procs("--listen", f"127.0.0.1:{port}", "--http", "off", "--max-inflight", "1",
                "--timeout", "0.2", "--tries", "1", "--upstream", threaded_upstream.address)
     pr.wait_for_line("listening on")
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(pr.p.stderr.readline, "")),
-                              daemon=True)
-    reader.start()  # the process must never block on a full stderr pipe
+    first = len(pr.lines)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
     sock.settimeout(5)
@@ -257,10 +272,10 @@ def test_repeated_log_lines_are_rate_limited_in_the_process(threaded_upstream, p
     elapsed = time.monotonic() - t0
     pr.p.send_signal(signal.SIGTERM)
     assert pr.p.wait(timeout=10) == 0
-    reader.join(5)
+    pr._reader.join(5)
     assert got >= 990
     warnings = [re.sub(r"n\d+\.example\.test", "N", line.split(" ", 3)[-1])
-                for line in lines if " WARNING " in line]
+                for line in pr.lines[first:] if " WARNING " in line]
     per_template: dict[str, int] = {}
     for w in warnings:
         per_template[w] = per_template.get(w, 0) + 1
