@@ -91,10 +91,8 @@ async def fleet(upstream: FakeUpstream, redis_server: RedisServer) -> AsyncItera
 
 async def settle(*nodes: Node) -> None:
     """Wait for the background writes of ``nodes``."""
-    for _ in range(200):
-        if not any(n.shared._writes for n in nodes):
-            return
-        await asyncio.sleep(0.01)
+    for n in nodes:
+        await n.shared.flush(2.0)
 
 
 def addresses(reply: dns.message.Message) -> set[str]:

@@ -6,6 +6,11 @@ asyncio clients. Every call runs under a deadline and behind a circuit breaker
 down, slow or full costs a lookup at most one deadline, and then nothing until a background
 probe finds it healthy again. Values are untrusted (:mod:`sidecar.fleet.codec`).
 
+A burst of misses must not cost a command per key: lookups started in one event-loop
+iteration leave as one pipeline (values and leases), writes likewise, and every lease waiter
+is polled by one read per tick (:class:`~sidecar.fleet.batch.Batcher`). The bounds are on keys waiting, not on
+commands.
+
 URL forms (password, username and db as redis-py parses them):
 
 * ``redis://[user:password@]host:port[/db]``: one server;
@@ -16,8 +21,8 @@ URL forms (password, username and db as redis-py parses them):
 Keys: ``<prefix>{<name>/<qtype>/<qclass>}`` for values (the name in presentation form,
 lower-case, as ``qname_text`` escapes it) and the same plus ``/lease`` for the fleet's
 per-key lease, so an ACL can confine a sidecar to ``~<prefix>*``. The braces are a Redis
-Cluster hash tag: a value and its lease live in one slot, so the lookup reads the value and
-claims the lease in one pipelined round trip.
+Cluster hash tag: a value and its lease live in one slot, so a cluster pipeline sends a key's
+read and its lease to one node.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sidecar.dns.cache import EXPIRES, RawEntry
 from sidecar.dns.wire import key_type, qname_text
 from sidecar.fleet import codec
+from sidecar.fleet.batch import Batcher
 from sidecar.fleet.breaker import Breaker
 from sidecar.upstream.latency import LatencyTracker
 
@@ -48,34 +54,68 @@ log = logging.getLogger("sidecar.fleet")
 
 DEFAULT_PREFIX: Final = "dns-sidecar:v1:"
 #: Deadline of a lookup (seconds): a shared hit must stay far cheaper than an upstream miss.
+#: It bounds each batch's round trip (the batch is the unit that meets or misses it).
 DEFAULT_DEADLINE: Final = 0.03
 #: Background writes and probes may take this many lookup deadlines (a new connection
 #: costs a few round trips; nobody waits for a write).
 WRITE_DEADLINE_FACTOR: Final = 4
 WRITE_DEADLINE_MIN: Final = 0.25
-#: Writes in flight at most; beyond, a write is dropped (and counted): a slow server must
-#: not collect an unbounded queue of them.
-MAX_WRITES: Final = 256
-#: Lookups (value and lease in one pipeline, or a poll) in flight at most; beyond, the miss
-#: goes straight upstream.
-MAX_READS: Final = 512
-#: Commands on the wire at once, and connections to one server, all opened by ``start()``: a
-#: burst of misses queues for them instead of opening a connection per lookup (a handshake
-#: of several round trips under a lookup's deadline: a cold burst used to blow it and open
-#: the breaker for everyone). Queueing past a deadline is our congestion, not the server's
-#: failure: it is counted as ``busy`` and leaves the breaker alone.
-POOL_SIZE: Final = 32
+#: Keys queued or in a lookup batch at most; beyond, the miss goes straight upstream
+#: (``busy``). A key costs a few hundred bytes while it waits, and a hung server opens the
+#: breaker within one deadline, so the bound is about memory, not about the server: it is
+#: set far above a cold burst, which now waits in batches instead of for connections.
+MAX_READS: Final = 4096
+#: Writes queued or in a write batch at most, and their value bytes at most; beyond either,
+#: a write is dropped (and counted): a slow server must not collect an unbounded queue.
+MAX_WRITES: Final = 4096
+MAX_WRITE_BYTES: Final = 4 << 20
+#: Keys in one pipeline at most: a larger batch would hold the loop while redis-py packs and
+#: parses it, and one slow batch would delay more lookups.
+MAX_BATCH: Final = 512
+#: Batches in flight at most, per kind. While they are all out, new keys wait for the next
+#: batch, which grows with the backlog: a burst costs a few round trips, not one per key.
+READ_BATCHES: Final = 4
+WRITE_BATCHES: Final = 2
+#: Connections to one server, all opened by ``start()``: one per batch that may be in flight
+#: (lookups, writes, the poll) and one for the probe. A batch that cannot get one within its
+#: deadline is our congestion, not the server's failure: ``busy``, breaker left alone.
+POOL_SIZE: Final = READ_BATCHES + WRITE_BATCHES + 2
 #: Lifetime of a lease: how long the fleet defers to a sidecar resolving a name. Longer
 #: than any answer takes; a holder that died costs the others only their own wait.
 LEASE_TTL: Final = 1.0
-#: Polling while another sidecar holds the lease: first interval, doubled up to the cap.
-POLL_MIN: Final = 0.002
-POLL_MAX: Final = 0.02
+#: Lease waiters are polled together, one read of all their keys per tick: the tick is the
+#: latency a waiter adds to the holder's answer, and a tick costs one round trip per sidecar
+#: whatever the number of waiters.
+POLL_INTERVAL: Final = 0.005
+#: Turns of the event loop (each with a poll of the sockets) a call may still take after its
+#: deadline passed, to read a reply that arrived in time (see :class:`_Expiry`).
+GRACE_TURNS: Final = 3
 
 _CLUSTER_SCHEMES: Final = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 _FAILED: Final = object()
 
 ERROR_KINDS: Final = ("timeout", "connection", "server", "corrupt")
+
+#: A lookup waiting in a batch: the value key and its caller's future of (value, leased).
+_Read = tuple[bytes, "asyncio.Future[Any]"]
+#: A write waiting in a batch: value key, value, PX milliseconds.
+_Write = tuple[bytes, bytes, int]
+
+
+class _Waiter:
+    """A lookup waiting for another sidecar's value: its key, since when, until when (as
+    last estimated), what a plain miss costs (``plain()``), and its future of the value
+    (None: gave up; :data:`_FAILED`: the server failed)."""
+
+    __slots__ = ("data_key", "since", "until", "plain", "fut")
+
+    def __init__(self, data_key: bytes, since: float, until: float,
+                 plain: Callable[[], float], fut: asyncio.Future[Any]) -> None:
+        self.data_key = data_key
+        self.since = since
+        self.until = until
+        self.plain = plain
+        self.fut = fut
 
 
 def parse_url(url: str) -> tuple[str, bool]:
@@ -119,14 +159,15 @@ class SharedCache:
     """The fleet's shared cache at ``url`` under key ``prefix``; lookups give up after
     ``deadline`` seconds. Entry times are on ``clock`` (the local cache's clock).
 
-    ``await start()`` (optional) opens a first connection; ``await close()`` at shutdown.
+    ``await start()`` (optional) opens the connections; ``await close()`` at shutdown.
     """
 
     def __init__(self, url: str, prefix: str = DEFAULT_PREFIX,
                  deadline: float = DEFAULT_DEADLINE, *,
                  clock: Callable[[], float] = time.monotonic,
                  max_writes: int = MAX_WRITES, max_reads: int = MAX_READS,
-                 lease_ttl: float = LEASE_TTL) -> None:
+                 max_write_bytes: int = MAX_WRITE_BYTES, max_batch: int = MAX_BATCH,
+                 lease_ttl: float = LEASE_TTL, poll_interval: float = POLL_INTERVAL) -> None:
         if deadline <= 0:
             raise ValueError("shared cache deadline must be positive")
         self.url = redact(url)
@@ -138,20 +179,29 @@ class SharedCache:
         self.clock = clock
         self.max_writes = max_writes
         self.max_reads = max_reads
+        self.max_write_bytes = max_write_bytes
+        self.lease_ttl = lease_ttl
         self.lease_ms = max(1, int(lease_ttl * 1000))
-        self._client = connect(url, self.write_deadline, max_reads + max_writes + 8)
+        self.poll_interval = poll_interval
+        self._client = connect(url, self.write_deadline, 2 * POOL_SIZE)
         self.breaker = Breaker(self._probe)
         self._token = os.urandom(8).hex()
-        self._reads = 0
         self._wire = asyncio.Semaphore(POOL_SIZE)
-        self._writes: set[asyncio.Task[None]] = set()
+        self._lookups: Batcher[_Read] = Batcher(self._lookup_batch, max_batch=max_batch,
+                                                parallel=READ_BATCHES)
+        self._writes: Batcher[_Write] = Batcher(self._write_batch, max_batch=max_batch,
+                                                parallel=WRITE_BATCHES)
+        self._write_bytes = 0
+        self._waiters: list[_Waiter] = []
+        self._poller: asyncio.Task[None] | None = None
+        self.polls = 0
         self.rtt = LatencyTracker()
         self.hits = 0
         self.misses = 0
         self.skipped = 0          # lookups not sent: breaker open
-        self.busy = 0             # lookups not sent: max_reads in flight
+        self.busy = 0             # lookups not sent: max_reads waiting, or no connection
         self.writes = 0           # values written
-        self.write_drops = 0      # not written: max_writes in flight, or breaker open
+        self.write_drops = 0      # not written: bound reached, no connection, or breaker open
         self.unshareable = 0      # not written: SERVFAIL, nearly expired, or too large
         self.errors = dict.fromkeys(ERROR_KINDS, 0)
         self.rejected = dict.fromkeys((*codec.REASONS, "scrub"), 0)
@@ -176,12 +226,22 @@ class SharedCache:
     async def lookup(self, key: bytes, wait: Callable[[], float]) -> RawEntry | None:
         """The shared entry for ``key``, or None: resolve it upstream.
 
-        One round trip reads the value and, in the same pipeline, claims the fleet's lease
-        (``SET NX``). A miss whose lease another sidecar holds polls the value for at most
-        ``wait()`` seconds. None too whenever the server is not asked (breaker open, too
-        many lookups in flight) or fails, and for a value that is unusable."""
+        The key joins the next lookup batch, which reads the values and claims the fleet's
+        leases (``SET NX``) of all its keys in one pipelined round trip. A miss whose lease
+        another sidecar holds waits for that sidecar's value (:meth:`lease_wait` of
+        ``wait()``), polled together with every other waiter. None too whenever the server
+        is not asked (breaker open, too many keys waiting) or fails, and for a value that
+        is unusable."""
+        if not self.breaker.allow():
+            self.skipped += 1
+            return None
+        if self._lookups.pending >= self.max_reads:
+            self.busy += 1
+            return None
         data_key = self.data_key(key)
-        got = await self._read(self._get_and_lease, data_key)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._lookups.add((data_key, fut))
+        got = await fut
         if got is _FAILED:
             return None
         value, leased = got
@@ -199,28 +259,32 @@ class SharedCache:
             self.lease_won += 1
             return None
         self.lease_waited += 1
-        loop = asyncio.get_running_loop()
-        until = loop.time() + wait()
-        delay = POLL_MIN
-        while (left := until - loop.time()) > 0:
-            await asyncio.sleep(min(delay, left))
-            delay = min(POLL_MAX, 2 * delay)
-            value = await self._read(self._client.get, data_key)
-            if value is _FAILED:
-                break
-            if value is not None:
-                entry = self._decode(key, value)
-                if entry is None:
-                    break  # an unusable value stays until our own answer replaces it
+        value = await self._wait_for(data_key, wait)
+        if value is not None and value is not _FAILED:
+            entry = self._decode(key, value)
+            if entry is not None:  # an unusable value stays until our answer replaces it
                 self.hits += 1
                 self.lease_wait_hits += 1
                 return entry
         self.lease_timeouts += 1
         return None
 
+    def lease_wait(self, plain: float, rtt: float | None = None) -> float:
+        """How long a lease waiter waits, given ``plain``: what resolving the name itself
+        would take. The holder's answer comes after its upstream time plus its write and our
+        next poll (a round trip each, the poll also a tick late), so a shorter wait would
+        nearly always expire just before the value arrives and then pay the plain miss on
+        top. The round trip is the measured one (each bounded by its call's deadline): under
+        a burst it is mostly this loop's own lag, which delays the holder's answer as much.
+        Never past the lease: a holder still silent then has died."""
+        if rtt is None:
+            rtt = self.rtt.percentile(0.9) or self.deadline
+        return min(self.lease_ttl, plain + 2 * rtt + self.poll_interval)
+
     def put(self, key: bytes, entry: RawEntry) -> None:
-        """Write ``entry`` in the background, expiring with it; never waits, never raises."""
-        if not self.breaker.allow() or len(self._writes) >= self.max_writes:
+        """Write ``entry`` in the next write batch, expiring with it; never waits, never
+        raises."""
+        if not self.breaker.allow() or self._writes.pending >= self.max_writes:
             self.write_drops += 1
             return
         mono, wall = self.clock(), time.time()
@@ -228,10 +292,12 @@ class SharedCache:
         if value is None:
             self.unshareable += 1
             return
+        if self._write_bytes + len(value) > self.max_write_bytes:
+            self.write_drops += 1
+            return
+        self._write_bytes += len(value)
         px = int((entry[EXPIRES] - mono) * 1000)
-        task = asyncio.get_running_loop().create_task(self._write(self.data_key(key), value, px))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
+        self._writes.add((self.data_key(key), value, px))
 
     def reject(self, key: bytes, reason: str) -> None:
         """The miss path found the entry :meth:`get` returned unusable (``reason``): it is
@@ -252,18 +318,26 @@ class SharedCache:
                         self.url)
 
     async def flush(self, timeout: float) -> None:
-        """Wait at most ``timeout`` seconds for the background writes in flight now."""
-        if self._writes:
-            await asyncio.wait(list(self._writes), timeout=timeout)
+        """Wait at most ``timeout`` seconds for the writes queued or in flight now."""
+        await self._writes.drain(timeout)
 
     async def close(self) -> None:
-        """Stop probing, give writes in flight one write deadline, close the connections."""
+        """Stop probing and polling, give queued writes one write deadline, close the
+        connections. Lookups still waiting get None."""
         await self.breaker.close()
-        if self._writes:
-            await asyncio.wait(list(self._writes), timeout=self.write_deadline)
-            for t in list(self._writes):
-                t.cancel()
-            await asyncio.gather(*self._writes, return_exceptions=True)
+        await self._writes.drain(self.write_deadline)
+        self._write_bytes = 0
+        self.write_drops += len(self._writes.take_queue())
+        await self._writes.close()
+        for _data_key, fut in self._lookups.take_queue():
+            _settle(fut, _FAILED)
+        await self._lookups.close()
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+        for w in self._waiters:
+            _settle(w.fut, _FAILED)
+        self._waiters = []
         await self._client.aclose()
 
     def stats(self) -> dict[str, Any]:
@@ -281,17 +355,151 @@ class SharedCache:
             "skipped": self.skipped,
             "busy": self.busy,
             "writes": self.writes,
-            "writes_inflight": len(self._writes),
+            "writes_inflight": self._writes.pending,
+            "write_queue_bytes": self._write_bytes,
             "write_drops": self.write_drops,
             "unshareable": self.unshareable,
             "errors": dict(self.errors),
             "rejected": dict(self.rejected),
             "leases": {"won": self.lease_won, "waited": self.lease_waited,
                        "wait_hits": self.lease_wait_hits, "timeouts": self.lease_timeouts},
+            "batches": {"lookups": self._lookups.batches, "writes": self._writes.batches,
+                        "polls": self.polls},
             "rtt_ms": {"ewma": None if rtt.ewma is None else round(rtt.ewma * 1000, 3),
                        "p50": None if p50 is None else round(p50 * 1000, 3),
                        "p99": None if p99 is None else round(p99 * 1000, 3)},
         }
+
+    # ------------------------------------------------------------------ batches
+
+    async def _lookup_batch(self, batch: list[_Read]) -> None:
+        """Values and leases of ``batch`` in one round trip; every future gets its pair or
+        :data:`_FAILED` (also when cancelled at shutdown)."""
+        got: Any = _FAILED
+        try:
+            if not self.breaker.allow():
+                self.skipped += len(batch)
+            elif not await self._acquire(self.deadline):
+                self.busy += len(batch)
+            else:
+                try:
+                    got = await self._timed(self._get_and_lease([k for k, _ in batch]),
+                                            self.deadline)
+                finally:
+                    self._wire.release()
+        finally:
+            if got is _FAILED:
+                for _k, fut in batch:
+                    _settle(fut, _FAILED)
+            else:
+                for (_k, fut), pair in zip(batch, got, strict=True):
+                    _settle(fut, pair)
+
+    async def _get_and_lease(self, keys: list[bytes]) -> list[tuple[bytes | None, bool]]:
+        # Not a transaction (MULTI/EXEC): nothing needs the commands atomic, and a plain
+        # pipeline is one write and one read on the socket. One MGET on a single server
+        # spares redis-py a command per key; a cluster gets a GET per key, which its
+        # pipeline routes by slot (the value and its lease share one) and sends to every
+        # node at once.
+        pipe = self._client.pipeline(transaction=False)
+        if not self.cluster:
+            pipe.mget(keys)
+        for k in keys:
+            if self.cluster:
+                pipe.get(k)
+            pipe.set(k + b"/lease", self._token, nx=True, px=self.lease_ms)
+        replies = await pipe.execute()
+        if not self.cluster:
+            return list(zip(replies[0], map(bool, replies[1:]), strict=True))
+        return [(replies[i], bool(replies[i + 1])) for i in range(0, len(replies), 2)]
+
+    async def _write_batch(self, batch: list[_Write]) -> None:
+        try:
+            if not self.breaker.allow():
+                self.write_drops += len(batch)
+                return
+            if not await self._acquire(self.write_deadline):
+                self.write_drops += len(batch)
+                return
+            try:
+                pipe = self._client.pipeline(transaction=False)
+                for data_key, value, px in batch:
+                    pipe.set(data_key, value, px=px)
+                if await self._timed(pipe.execute(), self.write_deadline) is not _FAILED:
+                    self.writes += len(batch)
+            finally:
+                self._wire.release()
+        finally:
+            self._write_bytes -= sum(len(v) for _k, v, _px in batch)
+
+    # ------------------------------------------------------------------ lease waiters
+
+    def _wait_for(self, data_key: bytes, plain: Callable[[], float]) -> asyncio.Future[Any]:
+        """A future of the value at ``data_key`` once another sidecar wrote it: None after
+        :meth:`lease_wait` without, :data:`_FAILED` when the server failed or too many
+        wait."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        if len(self._waiters) >= self.max_reads:
+            self.busy += 1
+            fut.set_result(_FAILED)
+            return fut
+        now = loop.time()
+        self._waiters.append(_Waiter(data_key, now, now + self.lease_wait(plain()), plain, fut))
+        if self._poller is None:
+            self._poller = loop.create_task(self._poll_loop())
+        return fut
+
+    async def _poll_loop(self) -> None:
+        """One read of every waited-for key per tick, until nobody waits."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._waiters:
+                await asyncio.sleep(self.poll_interval)
+                now = loop.time()
+                rtt = None
+                for w in self._waiters:
+                    if w.until <= now:
+                        # Estimated again when due, from what a miss costs now: a burst
+                        # slows the holder's answer and our own misses alike.
+                        if rtt is None:
+                            rtt = self.rtt.percentile(0.9) or self.deadline
+                        w.until = w.since + self.lease_wait(w.plain(), rtt)
+                        if w.until <= now:
+                            _settle(w.fut, None)
+                self._waiters = live = [w for w in self._waiters if not w.fut.done()]
+                if not live:
+                    break
+                keys = list(dict.fromkeys(w.data_key for w in live))[:MAX_BATCH * 4]
+                values = await self._read_values(keys)
+                if values is _FAILED:
+                    for w in live:
+                        _settle(w.fut, _FAILED)
+                else:
+                    found = {k: v for k, v in zip(keys, values, strict=True) if v is not None}
+                    for w in live:
+                        v = found.get(w.data_key)
+                        if v is not None:
+                            _settle(w.fut, v)
+                self._waiters = [w for w in self._waiters if not w.fut.done()]
+        finally:
+            self._poller = None
+
+    async def _read_values(self, keys: list[bytes]) -> Any:
+        if not self.breaker.allow():
+            return _FAILED
+        if not await self._acquire(self.deadline):
+            return _FAILED
+        self.polls += 1
+        try:
+            if self.cluster:
+                pipe = self._client.pipeline(transaction=False)
+                for k in keys:
+                    pipe.get(k)
+                return await self._timed(pipe.execute(), self.deadline)
+            return await self._timed(self._client.mget(keys), self.deadline)
+        finally:
+            self._wire.release()
 
     # ------------------------------------------------------------------ internals
 
@@ -306,26 +514,6 @@ class SharedCache:
                             qname_text(key), exc.reason, exc)
             return None
 
-    async def _read(self, command: Callable[..., Awaitable[Any]], *args: Any,
-                    **kwargs: Any) -> Any:
-        if not self.breaker.allow():
-            self.skipped += 1
-            return _FAILED
-        if self._reads >= self.max_reads:
-            self.busy += 1
-            return _FAILED
-        self._reads += 1
-        try:
-            if not await self._acquire(self.deadline):
-                self.busy += 1
-                return _FAILED
-            try:
-                return await self._timed(command(*args, **kwargs), self.deadline)
-            finally:
-                self._wire.release()
-        finally:
-            self._reads -= 1
-
     async def _acquire(self, deadline: float) -> bool:
         if not self._wire.locked():
             await self._wire.acquire()  # free: returns without suspending
@@ -336,26 +524,6 @@ class SharedCache:
         except TimeoutError:
             return False
         return True
-
-    async def _get_and_lease(self, data_key: bytes) -> tuple[bytes | None, bool]:
-        # Not a transaction (MULTI/EXEC): nothing needs both commands atomic, and a plain
-        # pipeline is one write and one read on the socket, on a cluster too (one slot).
-        pipe = self._client.pipeline(transaction=False)
-        pipe.get(data_key)
-        pipe.set(data_key + b"/lease", self._token, nx=True, px=self.lease_ms)
-        value, leased = await pipe.execute()
-        return value, bool(leased)
-
-    async def _write(self, data_key: bytes, value: bytes, px: int) -> None:
-        if not await self._acquire(self.write_deadline):
-            self.write_drops += 1
-            return
-        try:
-            if await self._timed(self._client.set(data_key, value, px=px),
-                                 self.write_deadline) is not _FAILED:
-                self.writes += 1
-        finally:
-            self._wire.release()
 
     async def _warm(self) -> None:
         # Concurrent PINGs: each takes a connection of its own, so the pool is full after.
@@ -370,8 +538,11 @@ class SharedCache:
         breaker (a probe's failure only keeps it open)."""
         loop = asyncio.get_running_loop()
         start = loop.time()
+        expiry = None
         try:
-            async with asyncio.timeout(deadline):
+            async with asyncio.timeout(None) as cm:
+                expiry = _Expiry(cm, GRACE_TURNS)
+                loop.call_at(start + deadline, expiry.fire)
                 result = await call
         except (TimeoutError, RedisTimeoutError):
             kind = "timeout"
@@ -383,7 +554,40 @@ class SharedCache:
         else:
             self.rtt.observe(loop.time() - start)
             return result
+        finally:
+            if expiry is not None:
+                expiry.active = False
         if not probe:
             self.errors[kind] += 1
             self.breaker.failure(kind)
         return _FAILED
+
+
+class _Expiry:
+    """Ends ``cm`` (an ``asyncio.timeout``) once fired and then ``turns`` more turns of the
+    loop, each with a look at the sockets. A loop busy with a burst runs its timers before
+    it reads the sockets, so a reply that came in time could otherwise be cancelled unread
+    and open the breaker for our own lag; a server that did not answer costs a few turns
+    more than its deadline."""
+
+    __slots__ = ("cm", "turns", "active")
+
+    def __init__(self, cm: asyncio.Timeout, turns: int) -> None:
+        self.cm = cm
+        self.turns = turns
+        self.active = True
+
+    def fire(self) -> None:
+        if not self.active:
+            return
+        loop = asyncio.get_running_loop()
+        if self.turns > 0:
+            self.turns -= 1
+            loop.call_soon(self.fire)  # runs after the loop's next poll of its sockets
+        else:
+            self.cm.reschedule(loop.time())
+
+
+def _settle(fut: asyncio.Future[Any], result: Any) -> None:
+    if not fut.done():
+        fut.set_result(result)

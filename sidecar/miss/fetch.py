@@ -70,12 +70,13 @@ SLOW_ZONE_SHARE = 16
 #: fetch is ended only once every older one is gone.
 JOSTLE_SHARE = 0.25
 JOSTLE_MIN = 0.2
-#: Waiting for another sidecar's answer (the second level's lease) lasts about what asking
-#: upstream ourselves would: this multiple of the pool's recent p90 answer time, within the
-#: bounds below (the floor covers an unmeasured or very fast upstream and the polling).
-LEASE_WAIT_FACTOR = 1.5
+#: What a plain miss costs, for the second level's lease waiters (which add their own round
+#: trips): the pool's recent p90 answer time, within these bounds (the floor covers an
+#: unmeasured or very fast upstream; the ceiling a waiter's patience with a dead holder).
 LEASE_WAIT_MIN = 0.02
 LEASE_WAIT_MAX = 1.0
+#: That estimate is reused for this long (seconds) per pool.
+PLAIN_MISS_REUSE = 0.01
 
 
 class Fetcher:
@@ -148,6 +149,8 @@ class Fetcher:
         self.jostled = 0          # fetches ended (SERVFAIL) to give their slot to a new one
         self.failed = 0           # fetches that ended in SERVFAIL
         self._recheck: dict[bytes, float] = {}
+        #: Per pool (by id): (valid until, what a plain miss costs), for lease waiters.
+        self._plain_miss: dict[int, tuple[float, float]] = {}
 
     @property
     def inflight(self) -> int:
@@ -327,12 +330,20 @@ class Fetcher:
         return entry
 
     def _lease_wait(self, key: bytes) -> float:
-        """How long to wait for another sidecar's answer: about a plain miss's time."""
+        """What resolving ``key`` ourselves would take: the fastest healthy upstream's
+        recent p90 (a quarter of the timeout before any answer), within the fetch budget."""
         pool = self.pools.pool_for(qname_text(key))
+        now = asyncio.get_running_loop().time()
+        cached = self._plain_miss.get(id(pool))
+        if cached is not None and cached[0] > now:
+            return cached[1]
         times = [p for u in pool.upstreams if u.health.healthy
                  and (p := u.latency.percentile(0.9)) is not None]
         guess = min(times) if times else pool.timeout / 4
-        return min(LEASE_WAIT_MAX, max(LEASE_WAIT_MIN, LEASE_WAIT_FACTOR * guess))
+        wait = min(LEASE_WAIT_MAX, self.budget, max(LEASE_WAIT_MIN, guess))
+        # A burst asks this for hundreds of waiters at once; percentiles sort their samples.
+        self._plain_miss[id(pool)] = (now + PLAIN_MISS_REUSE, wait)
+        return wait
 
     def _jostle(self, now: float) -> bool:
         """End the oldest fetch asking upstream since before ``now - jostle_after`` and hand

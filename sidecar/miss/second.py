@@ -20,8 +20,10 @@ class SecondLevel(Protocol):
         """The entry for ``key`` (times on the local cache's clock), or None: resolve it.
 
         On a miss it claims the right to resolve ``key`` for the fleet; when another sidecar
-        holds that right, it waits for that sidecar's entry at most ``wait()`` seconds
-        (called only then: it costs a little)."""
+        holds that right, it waits for that sidecar's entry. ``wait()`` is what resolving
+        ``key`` here would take (seconds; called only then: it costs a little); the wait is
+        about that plus the second level's own round trips, so that it ends when the
+        holder's answer is due, not just before."""
         ...
 
     def put(self, key: bytes, entry: RawEntry) -> None:
