@@ -34,7 +34,7 @@ COPY pyproject.toml setup.py README.md ./
 COPY sidecar/ sidecar/
 COPY client/ client/
 RUN python -m pip wheel --no-deps --wheel-dir /dist . \
-    && python -m zipfile -l /dist/dns_sidecar-*.whl | grep -q "sidecar/dns/_fastudp"
+    && python -m zipfile -l /dist/dns_sidecar-*.whl | grep -q "sidecar/dns/_fastudp[^ ]*\.so"
 
 # ---------------------------------------------------------------------------------------
 # Stage 2: a clean runtime with only the installed wheel (with the `fast` extra: uvloop).

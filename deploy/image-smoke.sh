@@ -51,7 +51,9 @@ trap cleanup EXIT
 
 # 1. The stand-in base image.
 t0=$(date +%s)
-mmdebstrap --quiet --variant=minbase --include=python3,python3-pip,python3-venv,ca-certificates \
+# python3-dev: the real python:3.11-slim image ships Python's headers, which the build stage
+# needs to compile the UDP fast path.
+mmdebstrap --quiet --variant=minbase --include=python3,python3-pip,python3-venv,python3-dev,ca-certificates \
   --customize-hook='rm -f "$1"/usr/lib/python3*/EXTERNALLY-MANAGED' \
   --customize-hook='ln -sf /usr/bin/python3 "$1"/usr/local/bin/python; ln -sf /usr/bin/pip3 "$1"/usr/local/bin/pip' \
   bookworm "$work/base.tar" >"$work/mmdebstrap.log" 2>&1 || { tail -20 "$work/mmdebstrap.log"; exit 1; }
