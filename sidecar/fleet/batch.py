@@ -8,6 +8,10 @@ trip). While ``parallel`` runs are out, new items wait and leave together with t
 run, so batches grow exactly when the server or the loop is slow (Nagle's algorithm for a
 request/reply protocol). ``run`` settles whatever its items carry, also on failure and
 cancellation: the batcher knows nothing of Redis.
+
+An item added with ``first=True`` leaves ahead of everything queued, and may start a run of
+its own beyond ``parallel`` (up to ``reserve`` more): for items somebody is waiting for,
+which must not queue behind a backlog of items nobody waits for.
 """
 
 from __future__ import annotations
@@ -21,16 +25,19 @@ T = TypeVar("T")
 
 class Batcher(Generic[T]):
     """``add(item)`` queues an item; ``run(batch)`` is called with at most ``max_batch`` of
-    them, at most ``parallel`` at a time, starting in the loop iteration after the first item
-    of a batch was added. ``pending``: items queued or in a run. ``drain``/``close``."""
+    them, at most ``parallel`` at a time (``parallel + reserve`` while items added with
+    ``first=True`` wait), starting in the loop iteration after the first item of a batch was
+    added. ``pending``: items queued or in a run. ``drain``/``close``."""
 
     def __init__(self, run: Callable[[list[T]], Awaitable[None]], *, max_batch: int,
-                 parallel: int) -> None:
-        if max_batch < 1 or parallel < 1:
+                 parallel: int, reserve: int = 0) -> None:
+        if max_batch < 1 or parallel < 1 or reserve < 0:
             raise ValueError("max_batch and parallel must be positive")
         self._run = run
         self.max_batch = max_batch
         self.parallel = parallel
+        self.reserve = reserve
+        self.first: list[T] = []     # items that leave ahead of the queue
         self.queue: list[T] = []
         self.sending = 0             # items in runs now
         self.batches = 0             # runs started (round trips, when a run is one)
@@ -39,14 +46,19 @@ class Batcher(Generic[T]):
 
     @property
     def pending(self) -> int:
-        return len(self.queue) + self.sending
+        return len(self.first) + len(self.queue) + self.sending
 
-    def add(self, item: T) -> None:
-        self.queue.append(item)
+    def add(self, item: T, first: bool = False) -> None:
+        (self.first if first else self.queue).append(item)
         self._kick()
 
+    def _can_start(self) -> bool:
+        running = len(self._tasks)
+        return bool((self.first and running < self.parallel + self.reserve)
+                    or (self.queue and running < self.parallel))
+
     def _kick(self) -> None:
-        if self._scheduled or not self.queue or len(self._tasks) >= self.parallel:
+        if self._scheduled or not self._can_start():
             return
         self._scheduled = True
         # call_soon, not now: the other fetches started in this iteration add theirs first.
@@ -55,9 +67,15 @@ class Batcher(Generic[T]):
     def _start(self) -> None:
         self._scheduled = False
         loop = asyncio.get_running_loop()
-        while self.queue and len(self._tasks) < self.parallel:
-            batch = self.queue[:self.max_batch]
-            del self.queue[:self.max_batch]
+        while self._can_start():
+            batch = self.first[:self.max_batch]
+            del self.first[:self.max_batch]
+            # Within ``parallel`` a run fills up from the queue; a reserved one carries only
+            # the items waited for, so it stays small and fast.
+            if len(self._tasks) < self.parallel and len(batch) < self.max_batch:
+                room = self.max_batch - len(batch)
+                batch += self.queue[:room]
+                del self.queue[:room]
             self.sending += len(batch)
             self.batches += 1
             task = loop.create_task(self._one(batch))
@@ -85,7 +103,8 @@ class Batcher(Generic[T]):
 
     def take_queue(self) -> list[T]:
         """The queued items, removed (to settle them at shutdown)."""
-        out, self.queue = self.queue, []
+        out = self.first + self.queue
+        self.first, self.queue = [], []
         return out
 
     async def close(self) -> None:

@@ -76,10 +76,14 @@ MAX_BATCH: Final = 512
 #: batch, which grows with the backlog: a burst costs a few round trips, not one per key.
 READ_BATCHES: Final = 4
 WRITE_BATCHES: Final = 2
+#: A write batch beyond those, only for values whose lease we hold: the fleet's waiters poll
+#: for them, so they must not queue behind other writes (another waiter's own answer to the
+#: same name, a prefetch), which nobody waits for.
+HELD_WRITE_BATCHES: Final = 1
 #: Connections to one server, all opened by ``start()``: one per batch that may be in flight
 #: (lookups, writes, the poll) and one for the probe. A batch that cannot get one within its
 #: deadline is our congestion, not the server's failure: ``busy``, breaker left alone.
-POOL_SIZE: Final = READ_BATCHES + WRITE_BATCHES + 2
+POOL_SIZE: Final = READ_BATCHES + WRITE_BATCHES + HELD_WRITE_BATCHES + 2
 #: Lifetime of a lease: how long the fleet defers to a sidecar resolving a name. Longer
 #: than any answer takes; a holder that died costs the others only their own wait.
 LEASE_TTL: Final = 1.0
@@ -87,6 +91,9 @@ LEASE_TTL: Final = 1.0
 #: latency a waiter adds to the holder's answer, and a tick costs one round trip per sidecar
 #: whatever the number of waiters.
 POLL_INTERVAL: Final = 0.005
+#: The lease wait's percentiles (round trip, our writes) are reused for this long: a burst
+#: asks for hundreds of waiters at once, and a percentile sorts its samples.
+ESTIMATE_REUSE: Final = 0.01
 #: Turns of the event loop (each with a poll of the sockets) a call may still take after its
 #: deadline passed, to read a reply that arrived in time (see :class:`_Expiry`).
 GRACE_TURNS: Final = 3
@@ -98,8 +105,9 @@ ERROR_KINDS: Final = ("timeout", "connection", "server", "corrupt")
 
 #: A lookup waiting in a batch: the value key and its caller's future of (value, leased).
 _Read = tuple[bytes, "asyncio.Future[Any]"]
-#: A write waiting in a batch: value key, value, PX milliseconds.
-_Write = tuple[bytes, bytes, int]
+#: A write waiting in a batch: value key, value, PX milliseconds, and when it was queued if
+#: the fleet waits for it (we hold its lease), else None.
+_Write = tuple[bytes, bytes, int, float | None]
 
 
 class _Waiter:
@@ -190,12 +198,19 @@ class SharedCache:
         self._lookups: Batcher[_Read] = Batcher(self._lookup_batch, max_batch=max_batch,
                                                 parallel=READ_BATCHES)
         self._writes: Batcher[_Write] = Batcher(self._write_batch, max_batch=max_batch,
-                                                parallel=WRITE_BATCHES)
+                                                parallel=WRITE_BATCHES,
+                                                reserve=HELD_WRITE_BATCHES)
+        #: value key -> when we won its lease (event-loop time), until our answer is written.
+        self._held: dict[bytes, float] = {}
         self._write_bytes = 0
         self._waiters: list[_Waiter] = []
         self._poller: asyncio.Task[None] | None = None
         self.polls = 0
         self.rtt = LatencyTracker()
+        #: From queueing to acknowledged, of the values whose lease we held: what the fleet's
+        #: waiters wait for after the holder's answer (queue and loop lag included).
+        self.held_writes = LatencyTracker()
+        self._estimates = (0.0, 0.0, 0.0)  # valid until, round trip p90, held write p90
         self.hits = 0
         self.misses = 0
         self.skipped = 0          # lookups not sent: breaker open
@@ -257,6 +272,7 @@ class SharedCache:
         self.misses += 1
         if leased:
             self.lease_won += 1
+            self._hold(data_key)
             return None
         self.lease_waited += 1
         value = await self._wait_for(data_key, wait)
@@ -269,17 +285,34 @@ class SharedCache:
         self.lease_timeouts += 1
         return None
 
-    def lease_wait(self, plain: float, rtt: float | None = None) -> float:
+    def lease_wait(self, plain: float) -> float:
         """How long a lease waiter waits, given ``plain``: what resolving the name itself
         would take. The holder's answer comes after its upstream time plus its write and our
-        next poll (a round trip each, the poll also a tick late), so a shorter wait would
-        nearly always expire just before the value arrives and then pay the plain miss on
-        top. The round trip is the measured one (each bounded by its call's deadline): under
-        a burst it is mostly this loop's own lag, which delays the holder's answer as much.
-        Never past the lease: a holder still silent then has died."""
-        if rtt is None:
+        next poll (the poll also a tick late), so a shorter wait would nearly always expire
+        just before the value arrives and then pay the plain miss on top. The write is
+        reckoned as long as ours take when others wait for them (queue and loop lag
+        included: the holder runs the same code in the same burst), or a round trip before
+        we held a lease; the poll as a round trip. Both are measured here, and each call is
+        bounded by its deadline. Never past the lease: a holder still silent then has
+        died."""
+        now = asyncio.get_running_loop().time()
+        until, rtt, write = self._estimates
+        if until <= now:
             rtt = self.rtt.percentile(0.9) or self.deadline
-        return min(self.lease_ttl, plain + 2 * rtt + self.poll_interval)
+            write = max(rtt, self.held_writes.percentile(0.9) or 0.0)
+            self._estimates = (now + ESTIMATE_REUSE, rtt, write)
+        return min(self.lease_ttl, plain + write + rtt + self.poll_interval)
+
+    def _hold(self, data_key: bytes) -> None:
+        """Remember that the fleet waits for our value of ``data_key`` (:meth:`put` sends it
+        ahead of other writes). A fetch that fails writes nothing: its key is forgotten with
+        the lease."""
+        now = asyncio.get_running_loop().time()
+        if len(self._held) >= self.max_writes:
+            self._held = {k: t for k, t in self._held.items() if now - t < self.lease_ttl}
+            if len(self._held) >= self.max_writes:
+                return  # the value then merely queues like any other write
+        self._held[data_key] = now
 
     def put(self, key: bytes, entry: RawEntry) -> None:
         """Write ``entry`` in the next write batch, expiring with it; never waits, never
@@ -297,7 +330,11 @@ class SharedCache:
             return
         self._write_bytes += len(value)
         px = int((entry[EXPIRES] - mono) * 1000)
-        self._writes.add((self.data_key(key), value, px))
+        data_key = self.data_key(key)
+        if self._held.pop(data_key, None) is not None:
+            self._writes.add((data_key, value, px, asyncio.get_running_loop().time()), first=True)
+        else:
+            self._writes.add((data_key, value, px, None))
 
     def reject(self, key: bytes, reason: str) -> None:
         """The miss path found the entry :meth:`get` returned unusable (``reason``): it is
@@ -423,14 +460,18 @@ class SharedCache:
                 return
             try:
                 pipe = self._client.pipeline(transaction=False)
-                for data_key, value, px in batch:
+                for data_key, value, px, _queued in batch:
                     pipe.set(data_key, value, px=px)
                 if await self._timed(pipe.execute(), self.write_deadline) is not _FAILED:
                     self.writes += len(batch)
+                    now = asyncio.get_running_loop().time()
+                    for *_kvp, queued in batch:
+                        if queued is not None:
+                            self.held_writes.observe(now - queued)
             finally:
                 self._wire.release()
         finally:
-            self._write_bytes -= sum(len(v) for _k, v, _px in batch)
+            self._write_bytes -= sum(len(v) for _k, v, _px, _q in batch)
 
     # ------------------------------------------------------------------ lease waiters
 
@@ -457,14 +498,11 @@ class SharedCache:
             while self._waiters:
                 await asyncio.sleep(self.poll_interval)
                 now = loop.time()
-                rtt = None
                 for w in self._waiters:
                     if w.until <= now:
                         # Estimated again when due, from what a miss costs now: a burst
                         # slows the holder's answer and our own misses alike.
-                        if rtt is None:
-                            rtt = self.rtt.percentile(0.9) or self.deadline
-                        w.until = w.since + self.lease_wait(w.plain(), rtt)
+                        w.until = w.since + self.lease_wait(w.plain())
                         if w.until <= now:
                             _settle(w.fut, None)
                 self._waiters = live = [w for w in self._waiters if not w.fut.done()]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -71,12 +72,43 @@ SLOW_ZONE_SHARE = 16
 JOSTLE_SHARE = 0.25
 JOSTLE_MIN = 0.2
 #: What a plain miss costs, for the second level's lease waiters (which add their own round
-#: trips): the pool's recent p90 answer time, within these bounds (the floor covers an
-#: unmeasured or very fast upstream; the ceiling a waiter's patience with a dead holder).
+#: trips): the p90 of how long this sidecar's misses to the pool take from start to answer
+#: (those in flight counted at their age so far), at least the pool's recent p90 answer
+#: time, within these bounds (the floor covers an unmeasured or very fast upstream; the
+#: ceiling a waiter's patience with a dead holder).
 LEASE_WAIT_MIN = 0.02
 LEASE_WAIT_MAX = 1.0
 #: That estimate is reused for this long (seconds) per pool.
 PLAIN_MISS_REUSE = 0.01
+#: Completed misses per pool the estimate remembers (the most recent).
+MISS_TIMES = 256
+
+
+class MissTimes:
+    """How long this sidecar's misses to one pool take right now, from the start of the
+    fetch to its answer: slot waits, the loop's own lag and an SOA query included, which a
+    waiter's own miss would pay as well (the upstream's latency alone is measured from the
+    packet out to the answer read, and under a burst it is a fraction of this).
+
+    Misses still in flight count at their age so far: in a burst the first answers are the
+    fast ones, and the samples of completed misses alone would say misses are quick exactly
+    while most of them are still waiting. Every sample is a real miss's duration or a lower
+    bound of it, so the percentile never exceeds what those misses take."""
+
+    __slots__ = ("done", "asking")
+
+    def __init__(self) -> None:
+        self.done: deque[float] = deque(maxlen=MISS_TIMES)
+        #: token -> start (event-loop time) of the misses in flight.
+        self.asking: dict[int, float] = {}
+
+    def percentile(self, q: float, now: float) -> float | None:
+        samples = list(self.done)
+        samples += [now - t for t in self.asking.values()]
+        if not samples:
+            return None
+        samples.sort()
+        return samples[min(len(samples) - 1, max(0, int(round(q * (len(samples) - 1)))))]
 
 
 class Fetcher:
@@ -151,6 +183,8 @@ class Fetcher:
         self._recheck: dict[bytes, float] = {}
         #: Per pool (by id): (valid until, what a plain miss costs), for lease waiters.
         self._plain_miss: dict[int, tuple[float, float]] = {}
+        #: Per pool (by id): how long its misses take (only with a second level).
+        self._miss_times: dict[int, MissTimes] = {}
 
     @property
     def inflight(self) -> int:
@@ -233,9 +267,23 @@ class Fetcher:
         zone = zones.get(zkey)
         if zone is None:
             zone = zones[zkey] = ZoneSlots(self.zone_limit)
+        times = None
+        token, start = 0, 0.0
+        if self.second is not None:  # only lease waiters ask how long misses take
+            pool = id(self.pools.pool_for(name))
+            times = self._miss_times.get(pool)
+            if times is None:
+                times = self._miss_times[pool] = MissTimes()
+            self._seq = token = self._seq + 1
+            times.asking[token] = start = asyncio.get_running_loop().time()
         try:
-            return await self._fetch_in_zone(key, name, zone)
+            result = await self._fetch_in_zone(key, name, zone)
+            if times is not None and result[0][RCODE] != SERVFAIL:
+                times.done.append(asyncio.get_running_loop().time() - start)
+            return result
         finally:
+            if times is not None:
+                del times.asking[token]
             if zone.idle and zones.get(zkey) is zone:
                 del zones[zkey]
 
@@ -330,8 +378,9 @@ class Fetcher:
         return entry
 
     def _lease_wait(self, key: bytes) -> float:
-        """What resolving ``key`` ourselves would take: the fastest healthy upstream's
-        recent p90 (a quarter of the timeout before any answer), within the fetch budget."""
+        """What resolving ``key`` ourselves would take now: the p90 of this sidecar's misses
+        to its pool (:class:`MissTimes`), at least the fastest healthy upstream's recent p90
+        (a quarter of the timeout before any answer), within the fetch budget."""
         pool = self.pools.pool_for(qname_text(key))
         now = asyncio.get_running_loop().time()
         cached = self._plain_miss.get(id(pool))
@@ -340,6 +389,12 @@ class Fetcher:
         times = [p for u in pool.upstreams if u.health.healthy
                  and (p := u.latency.percentile(0.9)) is not None]
         guess = min(times) if times else pool.timeout / 4
+        misses = self._miss_times.get(id(pool))
+        if misses is not None:
+            # A waiter's own miss would sit in the same queues and the same lag as ours do.
+            took = misses.percentile(0.9, now)
+            if took is not None and took > guess:
+                guess = took
         wait = min(LEASE_WAIT_MAX, self.budget, max(LEASE_WAIT_MIN, guess))
         # A burst asks this for hundreds of waiters at once; percentiles sort their samples.
         self._plain_miss[id(pool)] = (now + PLAIN_MISS_REUSE, wait)
