@@ -37,12 +37,11 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from . import common, peers, zone
+from . import common, netns, peers, zone
 
 HTTP_PORT = 8080
 SIDECAR_PORT = 5353
@@ -301,32 +300,15 @@ def inner(a: argparse.Namespace) -> dict:
 def run(rounds: int = 3, hosts: int = 500, delay_ms: float = 50.0, limit: int = 500,
         timeline: bool = False, http_server: str | None = None) -> dict:
     """Create the namespace, run `inner` in it, delete it."""
-    ns = f"dnsbench{os.getpid()}"
-    etc = Path(f"/etc/netns/{ns}")
     if os.geteuid() != 0 or shutil.which("ip") is None:
         return {"missing": "needs root and iproute2 (ip netns)"}
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        etc.mkdir(parents=True, exist_ok=True)
-        (etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")
-        subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
-        argv = ["ip", "netns", "exec", ns, common.python_exe(), "-m", "bench.crawler_burst",
-                "--inner", "--rounds", str(rounds), "--hosts", str(hosts),
-                "--delay-ms", str(delay_ms), "--limit", str(limit),
-                "--http-server", http_server or default_http_server()] + (
-                    ["--timeline"] if timeline else [])
-        env = dict(os.environ, BENCH_BASE_PORT=str(peers.BASE_PORT))
-        p = subprocess.run(argv, cwd=str(common.REPO_DIR), env=env, stdout=subprocess.PIPE,
-                           text=True, timeout=600 + rounds * 120)
-        if p.returncode != 0:
-            return {"missing": f"inner run failed with exit code {p.returncode}"}
-        res = json.loads(p.stdout.strip().splitlines()[-1])
-        res["namespace"] = {"name": ns, "resolv.conf": "nameserver 127.0.0.1"}
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], check=False)
-        shutil.rmtree(etc, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            Path("/etc/netns").rmdir()  # only when empty
+    env = dict(os.environ, BENCH_BASE_PORT=str(peers.BASE_PORT))
+    res = netns.run_inner("dnsbench", "bench.crawler_burst", [
+        "--rounds", str(rounds), "--hosts", str(hosts), "--delay-ms", str(delay_ms),
+        "--limit", str(limit), "--http-server", http_server or default_http_server()]
+        + (["--timeline"] if timeline else []), timeout=600 + rounds * 120, env=env)
+    if "missing" in res:
+        return res
     res["summary"] = summarize(res.get("scenarios", {}))
     return res
 

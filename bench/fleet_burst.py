@@ -62,7 +62,6 @@ import json
 import os
 import select
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -72,7 +71,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import common, crawler_burst, peers, zone
+from . import common, crawler_burst, netns, peers, zone
 from .crawler_burst import HTTP_PORT, UPSTREAM_PORT
 
 if TYPE_CHECKING:
@@ -552,7 +551,7 @@ def inner(a: argparse.Namespace) -> dict:
         else:
             http = common.spawn([common.python_exe(), "-m", "bench.crawler_burst", "--serve-http"],
                                 cpu=cpu, cwd=str(common.REPO_DIR))
-        _wait_http(http)
+        netns.wait_http(http, zone.CRAWL_IPS[-1], HTTP_PORT)
         redis = RedisServer().start()
         if common.taskset_prefix(cpu):
             subprocess.run(["taskset", "-p", "-c", str(cpu), str(redis.proc.pid)],
@@ -586,30 +585,6 @@ def inner(a: argparse.Namespace) -> dict:
     return out
 
 
-def _wait_http(http: subprocess.Popen, deadline_s: float = 20.0) -> None:
-    end = time.monotonic() + deadline_s
-    while True:
-        try:
-            socket.create_connection((zone.CRAWL_IPS[-1], HTTP_PORT), timeout=0.5).close()
-            return
-        except OSError:
-            if http.poll() is not None or time.monotonic() > end:
-                raise RuntimeError(f"the web servers did not start (exit code {http.poll()})") from None
-            time.sleep(0.1)
-
-
-# ---------------------------------------------------------------------------------------------
-# the namespace around it
-
-
-def _kill_namespace_pids(ns: str) -> None:
-    """SIGKILL what still runs in our namespace (only this script's processes live there)."""
-    r = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=False)
-    for pid in r.stdout.split():
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(pid), signal.SIGKILL)
-
-
 def run(a: argparse.Namespace) -> dict:
     """Create the namespace, run `inner` in it, delete it (also on error)."""
     from sidecar.testing import redisserver
@@ -620,49 +595,21 @@ def run(a: argparse.Namespace) -> dict:
         return {"missing": "nsd not installed (bench/setup.sh)"}
     if (why := redisserver.available()) is not None:
         return {"missing": why}
-    ns = f"dnsfleet{os.getpid()}"
-    etc = Path(f"/etc/netns/{ns}")
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    proc = None
-    res: dict = {}
-    try:
-        etc.mkdir(parents=True, exist_ok=True)
-        (etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")
-        subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
-        argv = ["ip", "netns", "exec", ns, common.python_exe(), "-m", "bench.fleet_burst",
-                "--inner", "--rounds", str(a.rounds), "--hosts", str(a.hosts),
-                "--delay-ms", str(a.delay_ms), "--limit", str(a.limit),
-                "--deadline", str(a.deadline),
-                "--http-server", a.http_server or crawler_burst.default_http_server()]
-        for t in a.shared_timeout_variant:
-            argv += ["--shared-timeout-variant", f"{t:g}"]
-        if a.single_shared:
-            argv.append("--single-shared")
-        for k in a.only:
-            argv += ["--only", k]
-        env = dict(os.environ, BENCH_BASE_PORT=str(peers.BASE_PORT))
-        proc = subprocess.Popen(argv, cwd=str(common.REPO_DIR), env=env, stdout=subprocess.PIPE,
-                                text=True)
-        # the inner run stops itself at --deadline; the margin covers one scenario in progress
-        stdout, _ = proc.communicate(timeout=a.deadline + SCENARIO_BUDGET_S + 60)
-        if proc.returncode != 0:
-            return {"missing": f"inner run failed with exit code {proc.returncode}"}
-        res = json.loads(stdout.strip().splitlines()[-1])
-        res["namespace"] = {"name": ns, "resolv.conf": "nameserver 127.0.0.1"}
-    finally:
-        if proc is not None and proc.poll() is None:
-            # SIGTERM first: the inner run's handlers stop its children and remove its files
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        _kill_namespace_pids(ns)
-        subprocess.run(["ip", "netns", "del", ns], check=False)
-        shutil.rmtree(etc, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            Path("/etc/netns").rmdir()  # only when empty
+    args = ["--rounds", str(a.rounds), "--hosts", str(a.hosts), "--delay-ms", str(a.delay_ms),
+            "--limit", str(a.limit), "--deadline", str(a.deadline),
+            "--http-server", a.http_server or crawler_burst.default_http_server()]
+    for t in a.shared_timeout_variant:
+        args += ["--shared-timeout-variant", f"{t:g}"]
+    if a.single_shared:
+        args.append("--single-shared")
+    for k in a.only:
+        args += ["--only", k]
+    env = dict(os.environ, BENCH_BASE_PORT=str(peers.BASE_PORT))
+    # the inner run stops itself at --deadline; the margin covers one scenario in progress
+    res = netns.run_inner("dnsfleet", "bench.fleet_burst", args,
+                          timeout=a.deadline + SCENARIO_BUDGET_S + 60, env=env)
+    if "missing" in res:
+        return res
     res["summary"] = summarize(res.get("runs", {}))
     import sidecar
 

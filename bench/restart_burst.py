@@ -38,7 +38,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -46,7 +45,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from . import common, crawler_burst, peers, zone
+from . import common, crawler_burst, netns, peers, zone
 from .crawler_burst import HTTP_PORT, SIDECAR_HTTP, SIDECAR_PORT, UPSTREAM_PORT
 
 VARIANTS = ("warm", "cold")
@@ -195,7 +194,7 @@ def inner(a: argparse.Namespace) -> dict:
         else:
             http = common.spawn([common.python_exe(), "-m", "bench.crawler_burst", "--serve-http"],
                                 cpu=cpu, cwd=str(common.REPO_DIR))
-        _wait_http(http)
+        netns.wait_http(http, zone.CRAWL_IPS[-1], HTTP_PORT)
         workdir = common.tmpdir("restart-burst-")
         next_name = 0
         for rnd in range(a.rounds):
@@ -229,31 +228,6 @@ def inner(a: argparse.Namespace) -> dict:
     return out
 
 
-def _wait_http(http: subprocess.Popen, deadline_s: float = 20.0) -> None:
-    end = time.monotonic() + deadline_s
-    while True:
-        try:
-            socket.create_connection((zone.CRAWL_IPS[-1], HTTP_PORT), timeout=0.5).close()
-            return
-        except OSError:
-            if http.poll() is not None or time.monotonic() > end:
-                raise RuntimeError(f"the web servers did not start (exit code {http.poll()})") from None
-            time.sleep(0.1)
-
-
-# ---------------------------------------------------------------------------------------------
-# the namespace around it
-
-
-def _kill_namespace_pids(ns: str) -> None:
-    """SIGKILL what still runs in our namespace (only this script's processes live there):
-    a killed inner run leaves its own children, which have their own sessions, behind."""
-    r = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=False)
-    for pid in r.stdout.split():
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(pid), signal.SIGKILL)
-
-
 def run(rounds: int = 2, hosts: int = 500, delay_ms: float = 50.0, limit: int = 500,
         http_server: str | None = None, deadline: float = 900.0) -> dict:
     """Create the namespace, run `inner` in it, delete it (also on error)."""
@@ -261,42 +235,15 @@ def run(rounds: int = 2, hosts: int = 500, delay_ms: float = 50.0, limit: int = 
         return {"missing": "needs root and iproute2 (ip netns)"}
     if shutil.which("nsd") is None:
         return {"missing": "nsd not installed (bench/setup.sh)"}
-    ns = f"dnsrestart{os.getpid()}"
-    etc = Path(f"/etc/netns/{ns}")
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    proc = None
-    res: dict = {}
-    try:
-        etc.mkdir(parents=True, exist_ok=True)
-        (etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")
-        subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
-        argv = ["ip", "netns", "exec", ns, common.python_exe(), "-m", "bench.restart_burst",
-                "--inner", "--rounds", str(rounds), "--hosts", str(hosts),
-                "--delay-ms", str(delay_ms), "--limit", str(limit), "--deadline", str(deadline),
-                "--http-server", http_server or crawler_burst.default_http_server()]
-        env = dict(os.environ, BENCH_BASE_PORT=str(peers.BASE_PORT))
-        proc = subprocess.Popen(argv, cwd=str(common.REPO_DIR), env=env, stdout=subprocess.PIPE,
-                                text=True)
-        # the inner run stops itself at --deadline; the margin covers one variant in progress
-        stdout, _ = proc.communicate(timeout=deadline + VARIANT_BUDGET_S + 60)
-        if proc.returncode != 0:
-            return {"missing": f"inner run failed with exit code {proc.returncode}"}
-        res = json.loads(stdout.strip().splitlines()[-1])
-        res["namespace"] = {"name": ns, "resolv.conf": "nameserver 127.0.0.1"}
-    finally:
-        if proc is not None and proc.poll() is None:
-            # SIGTERM first: the inner run's handlers stop its children and remove its files
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        _kill_namespace_pids(ns)
-        subprocess.run(["ip", "netns", "del", ns], check=False)
-        shutil.rmtree(etc, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            Path("/etc/netns").rmdir()  # only when empty
+    env = dict(os.environ, BENCH_BASE_PORT=str(peers.BASE_PORT))
+    # the inner run stops itself at --deadline; the margin covers one variant in progress
+    res = netns.run_inner("dnsrestart", "bench.restart_burst", [
+        "--rounds", str(rounds), "--hosts", str(hosts), "--delay-ms", str(delay_ms),
+        "--limit", str(limit), "--deadline", str(deadline),
+        "--http-server", http_server or crawler_burst.default_http_server()],
+        timeout=deadline + VARIANT_BUDGET_S + 60, env=env)
+    if "missing" in res:
+        return res
     res["summary"] = summarize(res.get("runs", {}))
     res["host"] = {"cpu_model": common.cpu_model(), "cpus": os.cpu_count(),
                    "loadavg_after": os.getloadavg()}
