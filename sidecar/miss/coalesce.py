@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -37,7 +38,7 @@ class Coalescer(Generic[T]):
         else:
             task = asyncio.get_running_loop().create_task(fetch())
             self.inflight[key] = task
-            task.add_done_callback(lambda t: self._done(key, t))
+            task.add_done_callback(partial(self._done, key))
         return task
 
     def _done(self, key: bytes, task: asyncio.Task[T]) -> None:

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 import sys
 import threading
 import weakref
+from functools import partial
 from typing import Any
 
 import aiodns
@@ -73,6 +75,28 @@ class _OptionsLib:
 TIMER_TICK = 0.25
 
 
+_FFI: Any = getattr(pycares, "_ffi", None)
+# Read at import, before make_resolver ever swaps in an _OptionsLib.
+_LIB: Any = getattr(pycares, "_lib", None)
+_MISSING = object()
+
+
+def _direct_calls(channel: Any) -> bool:
+    """Whether ``channel`` has the pycares internals the direct c-ares calls below use."""
+    return (_FFI is not None and _LIB is not None and hasattr(_LIB, "ares_process_fd")
+            and hasattr(_LIB, "ares_timeout") and getattr(channel, "_lock", None) is not None
+            and getattr(channel, "_channel", _MISSING) is not _MISSING)
+
+
+def _process_fd(channel: Any, read_fd: int, write_fd: int) -> None:
+    """``channel.process_fd(read_fd, write_fd)``."""
+    with channel._lock:
+        holder = channel._channel
+        if holder is None:
+            raise RuntimeError("Channel is destroyed, no new queries allowed")
+        _LIB.ares_process_fd(holder[0], read_fd, write_fd)
+
+
 #: c-ares ``ARES_AI_NUMERICSERV`` (ares.h; pycares exposes it only on its cffi ``lib``).
 ARES_AI_NUMERICSERV = getattr(getattr(pycares, "_lib", None), "ARES_AI_NUMERICSERV", 8)
 
@@ -115,6 +139,8 @@ class LoopResolver(aiodns.DNSResolver):
         if not hasattr(self, "_sock_state_cb") or sys.platform == "win32":  # pragma: no cover
             return super()._make_channel(**kwargs)
         ref = weakref.ref(self)
+        if self._timeout is not None and self._timeout < TIMER_TICK:
+            self._keep_idle_timer = False
 
         def on_socket(fd: int, readable: bool, writable: bool) -> None:
             this = ref()
@@ -122,6 +148,52 @@ class LoopResolver(aiodns.DNSResolver):
                 this._sock_state_cb(fd, readable, writable)
 
         return False, pycares.Channel(sock_state_cb=on_socket, timeout=self._timeout, **kwargs)
+
+    # pycares's process_fd and timeout each run a generator-based context manager and
+    # allocate cffi objects on every call, and they run for every upstream reply and every
+    # socket c-ares opens. These do the same c-ares calls under the same lock (which keeps
+    # close() from destroying the channel mid-call) without that.
+    #: Whether the timer may outlive the last socket. Each upstream query opens and closes
+    #: its own socket, so cancelling the timer then would cost a new timer per query. Left
+    #: pending, its next tick finds no socket and ends it (aiodns's ``_timer_cb``); a query
+    #: that starts before that is checked by it, at most TIMER_TICK later, as a query that
+    #: starts while another is in flight is. Only when no c-ares try can be shorter than
+    #: TIMER_TICK; :func:`make_resolver` clears it for shorter tries.
+    _keep_idle_timer = True
+    _direct: bool | None = None  # whether the channel has those internals; set on first use
+    _tv: Any = None  # (maxtv, out) timevals for ares_timeout, made once per resolver
+
+    def _can_call_direct(self) -> bool:
+        direct = self._direct
+        if direct is None:
+            direct = self._direct = _direct_calls(self._channel)
+        return direct
+
+    def _fd_callback(self) -> Any:
+        # Bound to the channel, as pycares's process_fd is: a watcher never keeps the
+        # resolver alive.
+        channel = self._channel
+        return partial(_process_fd, channel) if self._can_call_direct() else channel.process_fd
+
+    def _next_timeout(self) -> float:
+        """``channel.timeout(TIMER_TICK)``: seconds until c-ares next needs a timeout check."""
+        channel = self._channel
+        if not self._can_call_direct():
+            return float(channel.timeout(TIMER_TICK))
+        tv = self._tv
+        if tv is None:
+            maxtv = _FFI.new("struct timeval*")
+            maxtv.tv_sec = int(math.floor(TIMER_TICK))
+            maxtv.tv_usec = int(math.fmod(TIMER_TICK, 1.0) * 1000000)
+            tv = self._tv = (maxtv, _FFI.new("struct timeval*"))
+        with channel._lock:
+            holder = channel._channel
+            if holder is None:
+                raise RuntimeError("Channel is destroyed, no new queries allowed")
+            result = _LIB.ares_timeout(holder[0], tv[0], tv[1])
+        if result == _FFI.NULL:
+            return 0.0
+        return float(result.tv_sec + result.tv_usec / 1000000.0)
 
     def _sock_state_cb(self, fd: int, readable: bool, writable: bool) -> None:
         """Watch ``fd`` for exactly what c-ares asks, as of this call.
@@ -133,25 +205,26 @@ class LoopResolver(aiodns.DNSResolver):
         """
         if not self.loop_driven:  # pragma: no cover - aiodns changed
             return super()._sock_state_cb(fd, readable, writable)
-        loop, channel = self.loop, self._channel
+        loop, read_fds, write_fds = self.loop, self._read_fds, self._write_fds
         if readable:
-            if fd not in self._read_fds:
-                loop.add_reader(fd, channel.process_fd, fd, pycares.ARES_SOCKET_BAD)
-                self._read_fds.add(fd)
-        elif fd in self._read_fds:
-            self._read_fds.discard(fd)
+            if fd not in read_fds:
+                loop.add_reader(fd, self._fd_callback(), fd, pycares.ARES_SOCKET_BAD)
+                read_fds.add(fd)
+        elif fd in read_fds:
+            read_fds.discard(fd)
             loop.remove_reader(fd)
         if writable:
-            if fd not in self._write_fds:
-                loop.add_writer(fd, channel.process_fd, pycares.ARES_SOCKET_BAD, fd)
-                self._write_fds.add(fd)
-        elif fd in self._write_fds:
-            self._write_fds.discard(fd)
+            if fd not in write_fds:
+                loop.add_writer(fd, self._fd_callback(), pycares.ARES_SOCKET_BAD, fd)
+                write_fds.add(fd)
+        elif fd in write_fds:
+            write_fds.discard(fd)
             loop.remove_writer(fd)
         if readable or writable:
             if self._timer is None:
                 self._start_timer()
-        elif not self._read_fds and not self._write_fds and self._timer is not None:
+        elif (not read_fds and not write_fds and self._timer is not None
+              and not self._keep_idle_timer):
             self._timer.cancel()
             self._timer = None
         return None
@@ -160,7 +233,7 @@ class LoopResolver(aiodns.DNSResolver):
         if not self.loop_driven:  # pragma: no cover - aiodns changed
             return super()._start_timer()
         try:
-            delay = self._channel.timeout(TIMER_TICK)
+            delay = self._next_timeout()
         except RuntimeError:  # channel closed
             return None
         self._timer = self.loop.call_later(max(delay, 0.001), self._timer_cb)
@@ -215,6 +288,8 @@ def make_resolver(server: str, timeout: float, tries: int = 1,
         try:
             resolver = LoopResolver(**kwargs)
             qcache_disabled = per_query_ports = True
+            if (max_timeout or timeout) < TIMER_TICK:
+                resolver._keep_idle_timer = False
         except Exception as exc:  # pragma: no cover - depends on the installed pycares
             log.warning("cannot set c-ares options (%s); using a plain channel: query cache "
                         "on, one source port for all upstream queries", exc)
