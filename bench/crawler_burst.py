@@ -34,10 +34,8 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -360,8 +358,7 @@ def main() -> None:
         return
     common.install_signal_handlers()
     if a.inner:
-        res = inner(a)
-        sys.stdout.write(json.dumps(res, default=str) + "\n")
+        netns.report(inner(a))
         return
     res = run(a.rounds, a.hosts, a.delay_ms, a.limit, a.timeline, a.http_server)
     print(common.save_json("crawler_burst_timeline" if a.timeline else "crawler_burst", res))

@@ -702,8 +702,7 @@ def main() -> None:
         return
     common.install_signal_handlers()
     if a.inner:
-        res = inner(a)
-        sys.stdout.write(json.dumps(res, default=str) + "\n")
+        netns.report(inner(a))
         return
     res = run(a)
     if "missing" in res:

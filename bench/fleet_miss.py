@@ -16,16 +16,12 @@ write batches, polls), so the round trips of a burst are a count, not a time.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
-import socket
 import subprocess
-import sys
-import time
 from typing import Any
 
 from bench import common
-from bench.miss_micro import _query, _wait_ready
+from bench.miss_micro import burst_cost, client_socket, responder_process, run_loop, sequential
 from sidecar import Config, HostPort, Sidecar
 from sidecar.server import tune_gc
 from sidecar.testing.redisserver import RedisServer
@@ -55,40 +51,20 @@ async def measure(port: int, burst: int, rounds: int, srv: RedisServer | None,
                         shared_cache_timeout=deadline))
     await sc.start()
     tune_gc()
-    loop = asyncio.get_running_loop()
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-    s.setblocking(False)
-    s.connect(("127.0.0.1", sc.dns_addresses[0].port))
+    s = client_socket(sc.dns_addresses[0].port)
     tag = f"f{os.getpid()}"
     results = []
     try:
         # One unmeasured burst first: it opens the client's pool of connections, whose
         # set-up (and the deadlines it may blow) is not a miss's steady cost.
-        for i in range(burst):
-            s.send(_query(f"w{i}.{tag}.test", 1, i & 0xFFFF))
-        for _ in range(burst):
-            await asyncio.wait_for(loop.sock_recv(s, 4096), 10)
-        await _settle(sc)
+        await burst_cost(s, f"w.{tag}", burst, lambda: _settle(sc))
         for rnd in range(rounds):
-            lat = []
-            for i in range(300):
-                t0 = time.perf_counter()
-                await loop.sock_sendall(s, _query(f"s{i}.r{rnd}.{tag}.test",
-                                                  1 if i % 2 else 28, i))
-                await asyncio.wait_for(loop.sock_recv(s, 4096), 5)
-                lat.append(time.perf_counter() - t0)
-            lat.sort()
+            lat = await sequential(s, f"r{rnd}.{tag}")
             await _settle(sc)
             cmds0 = _commands(srv) if srv is not None else {}
-            c0, m0, t0 = time.process_time(), time.thread_time(), time.perf_counter()
-            for i in range(burst):
-                s.send(_query(f"b{i}.r{rnd}.{tag}.test", 1 if i % 2 else 28, i & 0xFFFF))
-            for _ in range(burst):
-                await asyncio.wait_for(loop.sock_recv(s, 4096), 10)
-            await _settle(sc)  # the background writes are part of a miss's cost
-            wall = time.perf_counter() - t0
-            cpu, main_cpu = time.process_time() - c0, time.thread_time() - m0
+            # the background writes are part of a miss's cost
+            wall, cpu, main_cpu = await burst_cost(s, f"r{rnd}.{tag}", burst,
+                                                   lambda: _settle(sc))
             row: dict[str, Any] = {
                 "seq_p50_us": lat[150] * 1e6, "seq_p90_us": lat[270] * 1e6,
                 "burst_ms": wall * 1e3, "cpu_per_miss_us": cpu / burst * 1e6,
@@ -130,25 +106,15 @@ def main() -> None:
                          "instead of skipping it (counted as busy)")
     ap.add_argument("--save", action="store_true", help="save bench/results/fleet_miss.json")
     a = ap.parse_args()
-    two = common.have_cpus() > 1
-    cmd = [sys.executable, "-m", "bench.miss_micro", "--responder", "--port", str(a.port)]
-    proc = subprocess.Popen((["taskset", "-c", "0"] if two else []) + cmd,
-                            cwd=str(common.REPO_DIR))
     srv = None if a.no_shared else RedisServer()
     try:
-        if srv is not None:
-            srv.start()
-            if two:
-                subprocess.run(["taskset", "-p", "-c", "0", str(srv.proc.pid)],
-                               capture_output=True, check=False)
-        if two:
-            os.sched_setaffinity(0, {1})
-        _wait_ready(a.port)
-        try:
-            import uvloop
-            rows = uvloop.run(measure(a.port, a.burst, a.rounds, srv, a.deadline_ms / 1000))
-        except ImportError:
-            rows = asyncio.run(measure(a.port, a.burst, a.rounds, srv, a.deadline_ms / 1000))
+        with responder_process(a.port) as two:
+            if srv is not None:
+                srv.start()
+                if two:
+                    subprocess.run(["taskset", "-p", "-c", "0", str(srv.proc.pid)],
+                                   capture_output=True, check=False)
+            rows = run_loop(measure(a.port, a.burst, a.rounds, srv, a.deadline_ms / 1000))
         if a.save:
             path = common.save_json("fleet_miss", {
                 "config": {"burst": a.burst, "rounds": a.rounds, "shared": srv is not None,
@@ -158,9 +124,6 @@ def main() -> None:
     finally:
         if srv is not None:
             srv.cleanup()
-        proc.terminate()
-        proc.wait(5)
-
 
 if __name__ == "__main__":
     main()

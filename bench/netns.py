@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,6 +63,11 @@ def wait_http(http: subprocess.Popen, host: str, port: int, deadline_s: float = 
             if http.poll() is not None or time.monotonic() > end:
                 raise RuntimeError(f"the web servers did not start (exit code {http.poll()})") from None
             time.sleep(0.1)
+
+
+def report(res: dict) -> None:
+    """Hand an inner run's result to :func:`run_inner` (one JSON object, the last line)."""
+    sys.stdout.write(json.dumps(res, default=str) + "\n")
 
 
 def run_inner(prefix: str, module: str, args: list[str], timeout: float,

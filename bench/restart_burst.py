@@ -39,7 +39,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -299,8 +298,7 @@ def main() -> None:
     a = ap.parse_args()
     common.install_signal_handlers()
     if a.inner:
-        res = inner(a)
-        sys.stdout.write(json.dumps(res, default=str) + "\n")
+        netns.report(inner(a))
         return
     res = run(a.rounds, a.hosts, a.delay_ms, a.limit, a.http_server, a.deadline)
     if "missing" in res:

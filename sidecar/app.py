@@ -107,8 +107,8 @@ async def serve(config: Config) -> int:
         log.info("%s: lame duck for %.1fs (not ready, still answering)", name, config.lameduck)
     # A snapshot at once, before the drain: a replacement started now (beside this process
     # with --reuse-port, or after it on the same file) loads what this one knows. It runs
-    # during the lame duck, which does not wait longer for it; stop() saves again after
-    # the drain.
+    # during the lame duck (which lasts at least as long as the save); stop() saves again
+    # after the drain.
     await asyncio.gather(sidecar.save_snapshot(), asyncio.sleep(config.lameduck))
     log.info("%s: draining and stopping", name)
     await sidecar.stop()

@@ -43,6 +43,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from sidecar.config import check_shared_cache_url
 from sidecar.dns.cache import EXPIRES, RawEntry
 from sidecar.dns.wire import key_type, qname_text
 from sidecar.fleet import codec
@@ -98,7 +99,8 @@ ESTIMATE_REUSE: Final = 0.01
 #: deadline passed, to read a reply that arrived in time (see :class:`_Expiry`).
 GRACE_TURNS: Final = 3
 
-_CLUSTER_SCHEMES: Final = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+#: The scheme suffix that names a Redis Cluster (sidecar.config.SHARED_CACHE_SCHEMES).
+_CLUSTER: Final = "+cluster"
 _FAILED: Final = object()
 
 ERROR_KINDS: Final = ("timeout", "connection", "server", "corrupt")
@@ -127,15 +129,14 @@ class _Waiter:
 
 
 def parse_url(url: str) -> tuple[str, bool]:
-    """(the URL redis-py reads, whether it names a cluster); ValueError for another scheme."""
+    """(the URL redis-py reads, whether it names a cluster); a ``ValueError``
+    (:class:`~sidecar.errors.ConfigError`) for a URL ``--shared-cache`` refuses."""
+    check_shared_cache_url(url)
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    if scheme in _CLUSTER_SCHEMES:
-        return urlunsplit(parts._replace(scheme=_CLUSTER_SCHEMES[scheme])), True
-    if scheme in ("redis", "rediss"):
-        return url, False
-    raise ValueError(f"shared cache URL must start with redis://, rediss://, redis+cluster://"
-                     f" or rediss+cluster://, not {scheme or url!r}")
+    if scheme.endswith(_CLUSTER):
+        return urlunsplit(parts._replace(scheme=scheme[: -len(_CLUSTER)])), True
+    return url, False
 
 
 def redact(url: str) -> str:
