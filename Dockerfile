@@ -37,7 +37,8 @@ RUN python -m pip wheel --no-deps --wheel-dir /dist . \
     && python -m zipfile -l /dist/dns_sidecar-*.whl | grep -q "sidecar/dns/_fastudp[^ ]*\.so"
 
 # ---------------------------------------------------------------------------------------
-# Stage 2: a clean runtime with only the installed wheel (with the `fast` extra: uvloop).
+# Stage 2: a clean runtime with only the installed wheel, with the `fast` extra (uvloop) and
+# the `shared` extra (redis-py and its hiredis parser, for --shared-cache).
 # No compilers: dependencies must come as binary wheels (--only-binary), which they do for
 # linux/amd64 and linux/arm64.
 FROM python:${PYTHON_VERSION}-slim-bookworm
@@ -56,7 +57,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN --mount=type=bind,from=build,source=/dist,target=/dist \
     set -eu; \
     wheel="$(echo /dist/dns_sidecar-*.whl)"; \
-    python -m pip install --only-binary=:all: "${wheel}[fast]"; \
+    python -m pip install --only-binary=:all: "${wheel}[fast,shared]"; \
     dns-sidecar --help >/dev/null
 
 # A numeric, non-root user: Kubernetes can only verify `runAsNonRoot` for a numeric USER.

@@ -15,7 +15,9 @@
 # container, it holds no compiler and no pip cache, and SIGTERM exits 0 within lameduck + drain.
 # Warm restart: the container runs with --cache-file on a volume; after SIGTERM the fake upstream
 # is stopped and the container started again, and the name resolved before is answered from
-# the snapshot (no upstream could answer it), with a TTL that did not grow. Prints the image size. Without buildah/mmdebstrap (and no apt-get to install them) it prints
+# the snapshot (no upstream could answer it), with a TTL that did not grow. Fleet cache (where
+# redis-server is installed): the first run writes to a redis-server on loopback, and a third,
+# fresh container with no snapshot and the upstream gone answers the name from it. Prints the image size. Without buildah/mmdebstrap (and no apt-get to install them) it prints
 # one "skipped" line and exits 0. Every address used is on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -91,6 +93,12 @@ print(*out)
 PY
 )
 read -r up_port dns_port http_port <<<"$ports"
+redis_port=""
+if command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1; then
+  redis_port=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  redis-server --bind 127.0.0.1 --port "$redis_port" --save '' --appendonly no \
+    --daemonize no >"$work/redis.log" 2>&1 & pids+=("$!")
+fi
 "$PY" -m sidecar.testing.fakeupstream --port "$up_port" >"$work/upstream.log" 2>&1 & upstream=$!
 pids+=("$upstream")
 # The snapshot's volume, writable by the image's user only (as an emptyDir or hostPath is).
@@ -101,12 +109,14 @@ ctr=$(bh from --pull-never localhost/dns-sidecar:smoke)
 run_env=(-e DNS_SIDECAR_LISTEN=127.0.0.1:"$dns_port" -e DNS_SIDECAR_HTTP=127.0.0.1:"$http_port"
          -e DNS_SIDECAR_UPSTREAM=127.0.0.1:"$up_port" -e DNS_SIDECAR_MIN_TTL=777
          -e DNS_SIDECAR_LAMEDUCK=1 -e DNS_SIDECAR_CACHE_FILE=/var/cache/dns-sidecar/cache.snap)
+shared_env=()
+[ -z "$redis_port" ] || shared_env=(-e DNS_SIDECAR_SHARED_CACHE=redis://127.0.0.1:"$redis_port")
 uid=$(bh run "${run_env[@]}" "$ctr" -- id -u)
 [ "$uid" = 10001 ] || { say "FAIL: runs as uid $uid"; exit 1; }
 if bh run "$ctr" -- sh -c 'command -v gcc || command -v cc || command -v make || ls -d /root/.cache/pip /home/*/.cache/pip' >/dev/null 2>&1; then
   say "FAIL: the image holds a compiler, make or a pip cache"; exit 1
 fi
-bh run "${run_env[@]}" "${cache_vol[@]}" "$ctr" -- dns-sidecar >"$work/sidecar.log" 2>&1 & runner=$!
+bh run "${run_env[@]}" "${shared_env[@]}" "${cache_vol[@]}" "$ctr" -- dns-sidecar >"$work/sidecar.log" 2>&1 & runner=$!
 
 "$PY" - "$dns_port" "$http_port" "$work/ttl" <<'PY' || { cat "$work/sidecar.log"; exit 1; }
 import json, socket, sys, time, urllib.request
@@ -210,6 +220,49 @@ kill -TERM "$pid"
 rc=0; wait "$runner" || rc=$?
 [ "$rc" = 0 ] || { say "FAIL: SIGTERM after the restart: exit code $rc"; cat "$work/sidecar2.log"; exit 1; }
 say "warm restart: the cache survived the container's restart on its volume"
+
+# Fleet cache: a fresh container (no snapshot) with the upstream still gone answers the name
+# the first one wrote to the shared cache.
+if [ -n "$redis_port" ]; then
+  [ -n "$(redis-cli -p "$redis_port" --scan --pattern 'dns-sidecar:v1:*' | head -1)" ] || {
+    say "FAIL: the first container wrote nothing to the shared cache"; cat "$work/sidecar.log"; exit 1; }
+  fresh_env=()
+  for e in "${run_env[@]}"; do
+    [[ "$e" == -e || "$e" == DNS_SIDECAR_CACHE_FILE=* ]] || fresh_env+=(-e "$e")
+  done
+  bh run "${fresh_env[@]}" "${shared_env[@]}" "$ctr" -- dns-sidecar >"$work/sidecar3.log" 2>&1 & runner=$!
+  "$PY" - "$dns_port" "$http_port" <<'PY' || { cat "$work/sidecar3.log"; exit 1; }
+import json, socket, sys, time, urllib.request
+from dnslib import DNSRecord
+dns_port, http_port = int(sys.argv[1]), int(sys.argv[2])
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+deadline = time.monotonic() + 30
+while True:
+    try:
+        assert opener.open(f"http://127.0.0.1:{http_port}/readyz", timeout=1).status == 200
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise SystemExit("image-smoke: FAIL: /readyz never said ready (fleet cache run)")
+        time.sleep(0.2)
+q = DNSRecord.question("www.example.test", "A")
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    s.settimeout(10)
+    s.sendto(q.pack(), ("127.0.0.1", dns_port))
+    r = DNSRecord.parse(s.recv(4096))
+assert r.header.rcode == 0 and r.rr, f"image-smoke: FAIL: not answered from the shared cache: {r}"
+shared = json.load(opener.open(f"http://127.0.0.1:{http_port}/stats", timeout=2))["shared_cache"]
+assert shared["hits"] >= 1 and shared["state"] == "closed", shared
+print(f"image-smoke: a fresh container answered from the fleet cache ({shared['hits']} shared hit,"
+      f" notices live: {shared['notices']['live']})")
+PY
+  pid=$(pgrep -n -f "python[0-9.]* /usr/local/bin/dns-sidecar")
+  kill -TERM "$pid"
+  rc=0; wait "$runner" || rc=$?
+  [ "$rc" = 0 ] || { say "FAIL: SIGTERM (fleet cache run): exit code $rc"; cat "$work/sidecar3.log"; exit 1; }
+else
+  say "fleet cache step skipped: redis-server is not installed"
+fi
 
 size=$(bh images --format '{{.Size}}' localhost/dns-sidecar:smoke)
 base=$(bh images --format '{{.Size}}' localhost/python:3.11-slim-bookworm)

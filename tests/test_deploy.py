@@ -122,7 +122,7 @@ def test_dockerfile_is_multistage_on_official_slim_python(dockerfile: Dockerfile
     assert re.search(r"\sAS\s+\w+", first_from, re.IGNORECASE), "the build stage needs a name"
 
 
-def test_build_stage_makes_a_wheel_and_final_stage_installs_it_with_fast(
+def test_build_stage_makes_a_wheel_and_final_stage_installs_it_with_its_extras(
         dockerfile: DockerfileParser) -> None:
     build, final = stages(dockerfile)[0], final_stage(dockerfile)
     build_name = re.search(r"\sAS\s+(\w+)", build[0]["value"], re.IGNORECASE).group(1)
@@ -131,8 +131,9 @@ def test_build_stage_makes_a_wheel_and_final_stage_installs_it_with_fast(
     copies = " ".join(instructions(final, "COPY"))
     assert f"from={build_name}" in runs or f"--from={build_name}" in copies, (
         "the final stage must take the wheel from the build stage")
-    assert ".whl" in runs and re.search(r"pip install\b[^;&|]*\[fast\]", runs), (
-        "the wheel is not installed with the [fast] extra")
+    extras = re.search(r"pip install\b[^;&|]*\[([\w,]+)\]", runs)
+    assert extras and {"fast", "shared"} <= set(extras.group(1).split(",")), (
+        "the wheel is not installed with the [fast] and [shared] extras")
     assert "--only-binary" in runs, "without --only-binary a missing wheel would need a compiler"
 
 

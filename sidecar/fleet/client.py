@@ -6,10 +6,13 @@ asyncio clients. Every call runs under a deadline and behind a circuit breaker
 down, slow or full costs a lookup at most one deadline, and then nothing until a background
 probe finds it healthy again. Values are untrusted (:mod:`sidecar.fleet.codec`).
 
-A burst of misses must not cost a command per key: lookups started in one event-loop
-iteration leave as one pipeline (values and leases), writes likewise, and every lease waiter
-is polled by one read per tick (:class:`~sidecar.fleet.batch.Batcher`). The bounds are on keys waiting, not on
-commands.
+A burst of misses must not cost a round trip per key: lookups started in one event-loop
+iteration leave as one pipeline (:class:`~sidecar.fleet.batch.Batcher`), writes likewise.
+Each lookup and each write is one server-side script (:mod:`sidecar.fleet.scripts`): a
+lookup that finds the name leased by another sidecar marks it as waited for, and the
+holder's write publishes the value to the waiters (:mod:`sidecar.fleet.notify`). While the
+subscription is down, waiters are polled by one read per tick. The bounds are on keys
+waiting, not on commands.
 
 URL forms (password, username and db as redis-py parses them):
 
@@ -19,10 +22,10 @@ URL forms (password, username and db as redis-py parses them):
   Cluster, discovered from that node (db must be 0).
 
 Keys: ``<prefix>{<name>/<qtype>/<qclass>}`` for values (the name in presentation form,
-lower-case, as ``qname_text`` escapes it) and the same plus ``/lease`` for the fleet's
-per-key lease, so an ACL can confine a sidecar to ``~<prefix>*``. The braces are a Redis
-Cluster hash tag: a value and its lease live in one slot, so a cluster pipeline sends a key's
-read and its lease to one node.
+lower-case, as ``qname_text`` escapes it), the same plus ``/lease`` for the fleet's per-key
+lease and ``/wait`` for its waited-for mark; the channel ``<prefix>notices``. An ACL can
+confine a sidecar to ``~<prefix>*`` and ``&<prefix>*``. The braces are a Redis Cluster hash
+tag: a value, its lease and its mark live in one slot, as a script's keys must.
 """
 
 from __future__ import annotations
@@ -40,15 +43,16 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sidecar.config import check_shared_cache_url
 from sidecar.dns.cache import EXPIRES, RawEntry
 from sidecar.dns.wire import key_type, qname_text
-from sidecar.fleet import codec
+from sidecar.fleet import codec, scripts
 from sidecar.fleet.batch import Batcher
 from sidecar.fleet.breaker import Breaker
+from sidecar.fleet.notify import Notices
 from sidecar.upstream.latency import LatencyTracker
 
 log = logging.getLogger("sidecar.fleet")
@@ -81,17 +85,23 @@ WRITE_BATCHES: Final = 2
 #: for them, so they must not queue behind other writes (another waiter's own answer to the
 #: same name, a prefetch), which nobody waits for.
 HELD_WRITE_BATCHES: Final = 1
-#: Connections to one server, all opened by ``start()``: one per batch that may be in flight
-#: (lookups, writes, the poll) and one for the probe. A batch that cannot get one within its
-#: deadline is our congestion, not the server's failure: ``busy``, breaker left alone.
+#: Connections to one server for commands, all opened by ``start()``: one per batch that
+#: may be in flight (lookups, writes, the poll) and one for the probe. A batch that cannot
+#: get one within its deadline is our congestion, not the server's failure: ``busy``,
+#: breaker left alone.
 POOL_SIZE: Final = READ_BATCHES + WRITE_BATCHES + HELD_WRITE_BATCHES + 2
+#: Plus the subscription to the notices, held from start to close.
+SUBSCRIPTIONS: Final = 1
 #: Lifetime of a lease: how long the fleet defers to a sidecar resolving a name. Longer
 #: than any answer takes; a holder that died costs the others only their own wait.
 LEASE_TTL: Final = 1.0
-#: Lease waiters are polled together, one read of all their keys per tick: the tick is the
-#: latency a waiter adds to the holder's answer, and a tick costs one round trip per sidecar
-#: whatever the number of waiters.
+#: Lease waiters are woken by the holder's notice; their give-up times are checked every
+#: tick. While the notices are down, each tick reads all their keys (one round trip per
+#: sidecar whatever the number of waiters): the tick is then the latency a waiter adds.
 POLL_INTERVAL: Final = 0.005
+#: With the notices up, a read every this many ticks all the same: for a notice lost with
+#: a dropped connection, and for holders that do not publish (a fleet mid-upgrade).
+BACKSTOP_TICKS: Final = 10
 #: The lease wait's percentiles (round trip, our writes) are reused for this long: a burst
 #: asks for hundreds of waiters at once, and a percentile sorts its samples.
 ESTIMATE_REUSE: Final = 0.01
@@ -104,6 +114,9 @@ _CLUSTER: Final = "+cluster"
 _FAILED: Final = object()
 
 ERROR_KINDS: Final = ("timeout", "connection", "server", "corrupt")
+#: A value key's length past its prefix at most: a name of 255 octets, each escaped in 4
+#: bytes at worst, the tag's braces, type and class.
+_MAX_KEY_TAIL: Final = 1100
 
 #: A lookup waiting in a batch: the value key and its caller's future of (value, leased).
 _Read = tuple[bytes, "asyncio.Future[Any]"]
@@ -156,7 +169,7 @@ def connect(url: str, timeout: float, max_connections: int,
     (within their own deadline); a cluster's client opens up to ``max_connections`` per node
     (redis-py's cluster client refuses a caller beyond its limit rather than queueing it)."""
     real, cluster = parse_url(url)
-    kwargs: dict[str, Any] = dict(socket_timeout=timeout, socket_connect_timeout=timeout,
+    kwargs: dict[str, Any] = dict(socket_timeout=None, socket_connect_timeout=timeout,
                                   retry=Retry(NoBackoff(), 0))
     if cluster:
         return RedisCluster.from_url(real, max_connections=max_connections, **kwargs)
@@ -176,7 +189,8 @@ class SharedCache:
                  clock: Callable[[], float] = time.monotonic,
                  max_writes: int = MAX_WRITES, max_reads: int = MAX_READS,
                  max_write_bytes: int = MAX_WRITE_BYTES, max_batch: int = MAX_BATCH,
-                 lease_ttl: float = LEASE_TTL, poll_interval: float = POLL_INTERVAL) -> None:
+                 lease_ttl: float = LEASE_TTL, poll_interval: float = POLL_INTERVAL,
+                 backstop_ticks: int = BACKSTOP_TICKS) -> None:
         if deadline <= 0:
             raise ValueError("shared cache deadline must be positive")
         self.url = redact(url)
@@ -192,8 +206,13 @@ class SharedCache:
         self.lease_ttl = lease_ttl
         self.lease_ms = max(1, int(lease_ttl * 1000))
         self.poll_interval = poll_interval
-        self._client = connect(url, self.write_deadline, 2 * POOL_SIZE)
+        self.backstop_ticks = backstop_ticks
+        self._client = connect(url, self.write_deadline, 2 * POOL_SIZE,
+                               POOL_SIZE + SUBSCRIPTIONS)
         self.breaker = Breaker(self._probe)
+        self.channel = self._prefix + scripts.CHANNEL_SUFFIX
+        self.notices = Notices(self._client.pubsub, self.channel, self._notice,
+                               self._notices_up, deadline=self.write_deadline)
         self._token = os.urandom(8).hex()
         self._wire = asyncio.Semaphore(POOL_SIZE)
         self._lookups: Batcher[_Read] = Batcher(self._lookup_batch, max_batch=max_batch,
@@ -204,9 +223,20 @@ class SharedCache:
         #: value key -> when we won its lease (event-loop time), until our answer is written.
         self._held: dict[bytes, float] = {}
         self._write_bytes = 0
-        self._waiters: list[_Waiter] = []
+        #: value key -> the lookups waiting for it.
+        self._waiters: dict[bytes, list[_Waiter]] = {}
+        self._nwaiters = 0
+        #: value key -> (when, value) of notices that came before their waiter: the notice
+        #: and the lookup's reply travel on two connections.
+        self._early: dict[bytes, tuple[float, bytes]] = {}
         self._poller: asyncio.Task[None] | None = None
+        self._ticks = 0
+        self._resync = False
         self.polls = 0
+        self.notices_sent = 0     # our writes that published a notice
+        self.notices_used = 0     # notices that woke a waiter
+        self.notices_bad = 0      # messages on the channel that were not a notice
+        self.script_loads = 0     # pipelines that found the scripts missing
         self.rtt = LatencyTracker()
         #: From queueing to acknowledged, of the values whose lease we held: what the fleet's
         #: waiters wait for after the holder's answer (queue and loop lag included).
@@ -237,17 +267,19 @@ class SharedCache:
     def lease_key(self, key: bytes) -> bytes:
         return self.data_key(key) + b"/lease"
 
+    def wait_key(self, key: bytes) -> bytes:
+        return self.data_key(key) + scripts.WAIT_SUFFIX
+
     # ------------------------------------------------------------------ SecondLevel
 
     async def lookup(self, key: bytes, wait: Callable[[], float]) -> RawEntry | None:
         """The shared entry for ``key``, or None: resolve it upstream.
 
         The key joins the next lookup batch, which reads the values and claims the fleet's
-        leases (``SET NX``) of all its keys in one pipelined round trip. A miss whose lease
-        another sidecar holds waits for that sidecar's value (:meth:`lease_wait` of
-        ``wait()``), polled together with every other waiter. None too whenever the server
-        is not asked (breaker open, too many keys waiting) or fails, and for a value that
-        is unusable."""
+        leases of all its keys in one pipelined round trip. A miss whose lease another
+        sidecar holds waits for that sidecar's value (:meth:`lease_wait` of ``wait()``),
+        which its write publishes to us. None too whenever the server is not asked (breaker
+        open, too many keys waiting) or fails, and for a value that is unusable."""
         if not self.breaker.allow():
             self.skipped += 1
             return None
@@ -349,7 +381,9 @@ class SharedCache:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Open the connections (a failure opens the breaker; never raises)."""
+        """Open the connections, load the scripts and subscribe to the notices (a failure
+        opens the breaker; never raises)."""
+        self.notices.start()
         ok = await self._timed(self._warm(), self.write_deadline)
         if ok is _FAILED:
             log.warning("shared cache %s not reachable at start; DNS works without it",
@@ -363,6 +397,7 @@ class SharedCache:
         """Stop probing and polling, give queued writes one write deadline, close the
         connections. Lookups still waiting get None."""
         await self.breaker.close()
+        await self.notices.close()
         await self._writes.drain(self.write_deadline)
         self._write_bytes = 0
         self.write_drops += len(self._writes.take_queue())
@@ -373,9 +408,11 @@ class SharedCache:
         if self._poller is not None:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
-        for w in self._waiters:
-            _settle(w.fut, _FAILED)
-        self._waiters = []
+        for ws in self._waiters.values():
+            for w in ws:
+                _settle(w.fut, _FAILED)
+        self._waiters = {}
+        self._nwaiters = 0
         await self._client.aclose()
 
     def stats(self) -> dict[str, Any]:
@@ -403,6 +440,10 @@ class SharedCache:
                        "wait_hits": self.lease_wait_hits, "timeouts": self.lease_timeouts},
             "batches": {"lookups": self._lookups.batches, "writes": self._writes.batches,
                         "polls": self.polls},
+            "notices": {"live": self.notices.live, "sent": self.notices_sent,
+                        "received": self.notices.received, "used": self.notices_used,
+                        "bad": self.notices_bad, "subscribed": self.notices.subscribed,
+                        "failures": self.notices.failures},
             "rtt_ms": {"ewma": None if rtt.ewma is None else round(rtt.ewma * 1000, 3),
                        "p50": None if p50 is None else round(p50 * 1000, 3),
                        "p99": None if p99 is None else round(p99 * 1000, 3)},
@@ -434,22 +475,38 @@ class SharedCache:
                     _settle(fut, pair)
 
     async def _get_and_lease(self, keys: list[bytes]) -> list[tuple[bytes | None, bool]]:
-        # Not a transaction (MULTI/EXEC): nothing needs the commands atomic, and a plain
-        # pipeline is one write and one read on the socket. One MGET on a single server
-        # spares redis-py a command per key; a cluster gets a GET per key, which its
-        # pipeline routes by slot (the value and its lease share one) and sends to every
-        # node at once.
+        # Not a transaction (MULTI/EXEC): each script is atomic on its own, and a plain
+        # pipeline is one write and one read on the socket; a cluster's pipeline routes each
+        # script by its keys' slot and sends to every node at once.
+        def build(pipe: Any) -> None:
+            for k in keys:
+                pipe.execute_command("EVALSHA", scripts.LOOKUP_SHA, 3, k, k + b"/lease",
+                                     k + scripts.WAIT_SUFFIX, self._token, self.lease_ms)
+        replies = await self._scripted(build)
+        return [(r[0], bool(r[1])) for r in replies]
+
+    async def _scripted(self, build: Callable[[Any], None]) -> list[Any]:
+        """The replies of a pipeline of scripts by SHA; a server that lost them (restart,
+        SCRIPT FLUSH, a new cluster node) gets them loaded and the pipeline once more. Both
+        scripts may run twice: a lookup finds its own lease, a write publishes to nobody."""
         pipe = self._client.pipeline(transaction=False)
-        if not self.cluster:
-            pipe.mget(keys)
-        for k in keys:
-            if self.cluster:
-                pipe.get(k)
-            pipe.set(k + b"/lease", self._token, nx=True, px=self.lease_ms)
-        replies = await pipe.execute()
-        if not self.cluster:
-            return list(zip(replies[0], map(bool, replies[1:]), strict=True))
-        return [(replies[i], bool(replies[i + 1])) for i in range(0, len(replies), 2)]
+        build(pipe)
+        try:
+            return list(await pipe.execute())
+        except NoScriptError:
+            self.script_loads += 1
+            await self._load_scripts()
+        pipe = self._client.pipeline(transaction=False)
+        build(pipe)
+        return list(await pipe.execute())
+
+    async def _load_scripts(self) -> None:
+        for sha, text in scripts.SCRIPTS:
+            loaded = await self._client.script_load(text)
+            if isinstance(loaded, dict):  # a cluster: one reply per primary
+                loaded = set(loaded.values())
+            if loaded != sha and loaded != {sha}:
+                raise RedisError(f"script loaded as {loaded!r}, not {sha}")
 
     async def _write_batch(self, batch: list[_Write]) -> None:
         try:
@@ -460,11 +517,15 @@ class SharedCache:
                 self.write_drops += len(batch)
                 return
             try:
-                pipe = self._client.pipeline(transaction=False)
-                for data_key, value, px, _queued in batch:
-                    pipe.set(data_key, value, px=px)
-                if await self._timed(pipe.execute(), self.write_deadline) is not _FAILED:
+                def build(pipe: Any) -> None:
+                    for data_key, value, px, _queued in batch:
+                        pipe.execute_command("EVALSHA", scripts.WRITE_SHA, 2, data_key,
+                                             data_key + scripts.WAIT_SUFFIX, value, px,
+                                             self.channel)
+                published = await self._timed(self._scripted(build), self.write_deadline)
+                if published is not _FAILED:
                     self.writes += len(batch)
+                    self.notices_sent += sum(map(bool, published))
                     now = asyncio.get_running_loop().time()
                     for *_kvp, queued in batch:
                         if queued is not None:
@@ -482,47 +543,111 @@ class SharedCache:
         wait."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        if len(self._waiters) >= self.max_reads:
+        now = loop.time()
+        early = self._early.pop(data_key, None)
+        if early is not None and now - early[0] < self.lease_ttl:
+            self.notices_used += 1
+            fut.set_result(early[1])
+            return fut
+        if self._nwaiters >= self.max_reads:
             self.busy += 1
             fut.set_result(_FAILED)
             return fut
-        now = loop.time()
-        self._waiters.append(_Waiter(data_key, now, now + self.lease_wait(plain()), plain, fut))
+        w = _Waiter(data_key, now, now + self.lease_wait(plain()), plain, fut)
+        self._waiters.setdefault(data_key, []).append(w)
+        self._nwaiters += 1
         if self._poller is None:
             self._poller = loop.create_task(self._poll_loop())
         return fut
 
+    def _notice(self, message: bytes) -> None:
+        """A notice from the channel: wake the waiters of its key with its value, or keep
+        it briefly for a waiter whose lookup reply is still on its way."""
+        try:
+            data_key, value = scripts.parse_notice(
+                message, self._prefix, len(self._prefix) + _MAX_KEY_TAIL, codec.MAX_VALUE)
+        except scripts.BadNotice as exc:
+            self.notices_bad += 1
+            log.debug("shared cache notice ignored: %s", exc)
+            return
+        waiters = self._waiters.pop(data_key, None)
+        if waiters is None:
+            self._keep_early(data_key, value)
+            return
+        self._nwaiters -= len(waiters)
+        for w in waiters:
+            if not w.fut.done():
+                self.notices_used += 1
+                w.fut.set_result(value)
+
+    def _keep_early(self, data_key: bytes, value: bytes) -> None:
+        # Most notices are for keys nobody here waits for (other sidecars' waits): kept for
+        # one lease at most, and no more of them than waiters may be.
+        now = asyncio.get_running_loop().time()
+        early = self._early
+        if len(early) >= self.max_reads:
+            for k in [k for k, (t, _v) in early.items() if now - t >= self.lease_ttl]:
+                del early[k]
+            if len(early) >= self.max_reads:
+                del early[next(iter(early))]
+        early[data_key] = (now, value)
+
+    def _notices_up(self) -> None:
+        """The subscription is (back) up: what was published while it was down comes from
+        one read."""
+        self._resync = True
+
     async def _poll_loop(self) -> None:
-        """One read of every waited-for key per tick, until nobody waits."""
+        """Until nobody waits: every tick, give up on the waits that are due; read the
+        waited-for keys when the notices are down, just came up, or every
+        ``backstop_ticks`` ticks."""
         loop = asyncio.get_running_loop()
         try:
             while self._waiters:
                 await asyncio.sleep(self.poll_interval)
+                self._ticks += 1
                 now = loop.time()
-                for w in self._waiters:
+                for w in self._live_waiters():
                     if w.until <= now:
                         # Estimated again when due, from what a miss costs now: a burst
                         # slows the holder's answer and our own misses alike.
                         w.until = w.since + self.lease_wait(w.plain())
                         if w.until <= now:
                             _settle(w.fut, None)
-                self._waiters = live = [w for w in self._waiters if not w.fut.done()]
-                if not live:
+                self._prune()
+                if not self._waiters:
                     break
-                keys = list(dict.fromkeys(w.data_key for w in live))[:MAX_BATCH * 4]
+                if self.notices.live and not self._resync \
+                        and self._ticks % self.backstop_ticks:
+                    continue
+                self._resync = False
+                keys = list(self._waiters)[:MAX_BATCH * 4]
                 values = await self._read_values(keys)
                 if values is _FAILED:
-                    for w in live:
+                    for w in self._live_waiters():
                         _settle(w.fut, _FAILED)
                 else:
-                    found = {k: v for k, v in zip(keys, values, strict=True) if v is not None}
-                    for w in live:
-                        v = found.get(w.data_key)
-                        if v is not None:
+                    for k, v in zip(keys, values, strict=True):
+                        for w in self._waiters.get(k, ()) if v is not None else ():
                             _settle(w.fut, v)
-                self._waiters = [w for w in self._waiters if not w.fut.done()]
+                self._prune()
         finally:
             self._poller = None
+
+    def _live_waiters(self) -> list[_Waiter]:
+        return [w for ws in self._waiters.values() for w in ws if not w.fut.done()]
+
+    def _prune(self) -> None:
+        """Forget the waiters that are settled."""
+        live: dict[bytes, list[_Waiter]] = {}
+        n = 0
+        for k, ws in self._waiters.items():
+            ws = [w for w in ws if not w.fut.done()]
+            if ws:
+                live[k] = ws
+                n += len(ws)
+        self._waiters = live
+        self._nwaiters = n
 
     async def _read_values(self, keys: list[bytes]) -> Any:
         if not self.breaker.allow():
@@ -567,6 +692,7 @@ class SharedCache:
     async def _warm(self) -> None:
         # Concurrent PINGs: each takes a connection of its own, so the pool is full after.
         await asyncio.gather(*(self._client.ping() for _ in range(POOL_SIZE)))
+        await self._load_scripts()
 
     async def _probe(self) -> bool:
         return await self._timed(self._client.ping(), self.write_deadline,

@@ -222,6 +222,13 @@ class SidecarCollector:
                      " used), else 0.", 1.0 if st["state"] == "closed" else 0.0)
         yield _counter("shared_cache_breaker_opened", "Times the breaker opened.",
                        st["breaker_opened"])
+        m = _counter("shared_cache_notices", "Fleet notices: sent by our writes, received,"
+                     " used to wake a waiter, malformed.", labels=("kind",))
+        for kind in ("sent", "received", "used", "bad"):
+            m.add_metric([kind], st["notices"][kind])
+        yield m
+        yield _gauge("shared_cache_notices_up", "1 while the subscription to the fleet's notices"
+                     " is up (else lease waiters poll).", int(st["notices"]["live"]))
         m = _counter("shared_cache_leases", "Fleet leases, by outcome.", labels=("outcome",))
         for outcome, n in st["leases"].items():
             m.add_metric([outcome], n)

@@ -1,0 +1,241 @@
+"""Lease waiters are woken by the holder's write (a notice on the fleet's channel), not by
+polling; notices are untrusted, published only for keys somebody waits for, and the
+waiters fall back to polling while the subscription is down."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.fleet import scripts
+from sidecar.fleet.client import SharedCache
+from sidecar.testing.redisserver import RedisServer, available
+from tests.test_fleet_batch import RoundTrips, commands, entry, keys
+
+# The redis_server fixture comes with the helpers.
+from tests.test_fleet_shared import redis_server  # noqa: F401
+
+pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
+
+
+@pytest.fixture
+async def caches(redis_server: RedisServer) -> AsyncIterator[Any]:  # noqa: F811
+    made: list[SharedCache] = []
+
+    async def make(**kw: Any) -> SharedCache:
+        sc = SharedCache(redis_server.url, deadline=0.5, **kw)
+        await sc.start()
+        assert sc.breaker.state == "closed"
+        await until(lambda: sc.notices.live)
+        made.append(sc)
+        return sc
+
+    try:
+        yield make
+    finally:
+        for sc in made:
+            await sc.close()
+
+
+async def until(cond: Any, turns: int = 500) -> None:
+    """Bounded wait for a state another connection brings (no event to await for it)."""
+    for _ in range(turns):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached in 5 s")
+
+
+async def test_waiters_are_woken_by_the_holders_write_not_by_polls(caches):
+    # A tick as long as the lease: the waiters' first read would come when they give up.
+    holder, waiter = await caches(), await caches(poll_interval=1.0)
+    ks = keys(200, "n")
+    assert all(e is None for e in await asyncio.gather(
+        *(holder.lookup(k, lambda: 0.05) for k in ks)))
+    trips = RoundTrips(waiter)
+    waits = [asyncio.ensure_future(waiter.lookup(k, lambda: 5.0)) for k in ks]
+    await until(lambda: waiter.stats()["leases"]["waited"] == 200)
+    now = holder.clock()
+    for k in ks:
+        holder.put(k, entry(now))
+    got = await asyncio.gather(*waits)
+    st = waiter.stats()
+    assert all(e is not None for e in got)
+    assert st["leases"]["wait_hits"] == 200 and st["notices"]["used"] == 200, st
+    assert holder.stats()["notices"]["sent"] == 200
+    assert st["batches"]["polls"] == 0 and trips.trips == 1, (st["batches"], trips.trips)
+
+
+async def test_a_write_nobody_waits_for_publishes_nothing(caches, redis_server):  # noqa: F811
+    holder, other = await caches(), await caches()
+    ks = keys(20, "q")
+    assert all(e is None for e in await asyncio.gather(
+        *(holder.lookup(k, lambda: 0.05) for k in ks)))
+    before = commands(redis_server)
+    now = holder.clock()
+    for k in ks:
+        holder.put(k, entry(now))
+    await holder.flush(5.0)
+    after = commands(redis_server)
+    assert holder.stats()["writes"] == 20
+    assert holder.stats()["notices"]["sent"] == 0
+    assert after.get("publish", 0) == before.get("publish", 0)
+    assert other.notices.received == 0
+
+
+async def test_a_notice_before_its_waiter_is_kept_for_it(caches):
+    """The notice and the lookup's reply come on two connections: the notice may win."""
+    sc = await caches()
+    k = keys(1, "e")[0]
+    data_key = sc.data_key(k)
+    value = b"v" * 40
+    sc._notice(b"%d:%s%s" % (len(data_key), data_key, value))
+    assert await sc._wait_for(data_key, lambda: 0.05) == value
+    assert sc.stats()["notices"]["used"] == 1
+
+
+@pytest.mark.parametrize("message", [
+    b"garbage",
+    b"9999999:x",
+    b"12:dns-sidecar", # shorter than it says
+    b"10:other:keyXXvalue",
+    b"%d:dns-sidecar:v1:{a/1/1}" % len(b"dns-sidecar:v1:{a/1/1}"),  # no value
+])
+async def test_a_message_that_is_no_notice_is_counted_and_ignored(
+        caches, redis_server, message):  # noqa: F811
+    sc = await caches()
+    redis_server.cli("publish", sc.channel.decode(), message.decode())
+    await until(lambda: sc.notices.received == 1)
+    st = sc.stats()["notices"]
+    assert st["bad"] == 1 and st["used"] == 0 and st["live"], st
+
+
+async def test_a_planted_notice_for_a_waited_key_is_decoded_like_any_value(
+        caches, redis_server):  # noqa: F811
+    holder, waiter = await caches(), await caches()
+    k = keys(1, "z")[0]
+    assert await holder.lookup(k, lambda: 0.05) is None
+    wait = asyncio.ensure_future(waiter.lookup(k, lambda: 0.05))
+    await until(lambda: waiter.stats()["leases"]["waited"] == 1)
+    data_key = waiter.data_key(k)
+    redis_server.cli("publish", waiter.channel.decode(),
+                     f"{len(data_key)}:{data_key.decode()}not a value")
+    assert await wait is None                             # resolve it ourselves
+    st = waiter.stats()
+    assert st["errors"]["corrupt"] == 1 and st["hits"] == 0, st
+    assert st["notices"]["used"] == 1 and st["leases"]["timeouts"] == 1, st
+
+
+async def test_scripts_the_server_lost_are_loaded_again(caches, redis_server):  # noqa: F811
+    sc = await caches()
+    redis_server.cli("script", "flush")
+    ks = keys(3, "f")
+    assert all(e is None for e in await asyncio.gather(
+        *(sc.lookup(k, lambda: 0.05) for k in ks)))
+    now = sc.clock()
+    for k in ks:
+        sc.put(k, entry(now))
+    await sc.flush(5.0)
+    st = sc.stats()
+    assert st["leases"]["won"] == 3 and st["writes"] == 3, st
+    assert st["state"] == "closed" and sum(st["errors"].values()) == 0, st
+    assert sc.script_loads == 1
+    assert redis_server.cli("script", "exists", scripts.LOOKUP_SHA).strip() == "1"
+
+
+async def test_a_dropped_subscription_comes_back_and_waiters_get_what_it_missed(
+        caches, redis_server):  # noqa: F811
+    holder, waiter = await caches(), await caches(backstop_ticks=10**6)
+    k = keys(1, "d")[0]
+    assert await holder.lookup(k, lambda: 0.05) is None
+    wait = asyncio.ensure_future(waiter.lookup(k, lambda: 5.0))
+    await until(lambda: waiter.stats()["leases"]["waited"] == 1)
+    redis_server.cli("client", "kill", "type", "pubsub")  # both sidecars' subscriptions
+    holder.put(k, entry(holder.clock()))                  # published to nobody
+    await holder.flush(5.0)
+    assert await wait is not None                         # read, not noticed
+    await until(lambda: waiter.notices.subscribed == 2)
+    assert waiter.notices.failures == 1 and waiter.stats()["notices"]["used"] == 0
+
+
+async def test_a_subscription_gone_silent_is_made_again(redis_server):  # noqa: F811
+    """A server that stops answering without closing the connection (a host gone) must not
+    leave the sidecar believing in notices that never come: the idle ping finds it."""
+    sc = SharedCache(redis_server.url, deadline=0.2)
+    sc.notices.idle = 0.05
+    await sc.start()
+    try:
+        await until(lambda: sc.notices.live)
+        redis_server.pause()
+        try:
+            await until(lambda: sc.notices.failures >= 1)
+            assert not sc.notices.live
+        finally:
+            redis_server.resume()
+        await until(lambda: sc.notices.live and sc.notices.subscribed >= 2)
+    finally:
+        await sc.close()
+
+
+def _documented_acl() -> list[str]:
+    """The ACL SETUSER line docs/fleet.md gives operators, as redis-cli arguments."""
+    text = (Path(__file__).parent.parent / "docs" / "fleet.md").read_text()
+    line = re.search(r"`ACL SETUSER (dns-sidecar [^`]+)`", text)
+    assert line, "docs/fleet.md lost its ACL line"
+    return ["acl", "setuser", *line.group(1).replace(">PASSWORD", ">s3cret").split()]
+
+
+async def test_the_documented_acl_is_enough(redis_server):  # noqa: F811
+    redis_server.cli(*_documented_acl())
+    url = redis_server.url.replace("redis://", "redis://dns-sidecar:s3cret@")
+    holder = SharedCache(url, deadline=0.5)
+    waiter = SharedCache(url, deadline=0.5, poll_interval=1.0)
+    try:
+        for sc in (holder, waiter):
+            await sc.start()
+            await until(lambda sc=sc: sc.notices.live)
+        ks = keys(5, "acl")
+        assert all(e is None for e in await asyncio.gather(
+            *(holder.lookup(k, lambda: 0.05) for k in ks)))
+        waits = [asyncio.ensure_future(waiter.lookup(k, lambda: 5.0)) for k in ks]
+        await until(lambda: waiter.stats()["leases"]["waited"] == 5)
+        for k in ks:
+            holder.put(k, entry(holder.clock()))
+        assert all(e is not None for e in await asyncio.gather(*waits))
+        for sc in (holder, waiter):
+            st = sc.stats()
+            assert sum(st["errors"].values()) == 0 and st["state"] == "closed", st
+        assert waiter.stats()["notices"]["used"] == 5
+    finally:
+        for sc in (holder, waiter):
+            await sc.close()
+        redis_server.cli("acl", "deluser", "dns-sidecar")
+
+
+async def test_an_acl_without_the_channel_leaves_waiters_polling(redis_server):  # noqa: F811
+    argv = [a for a in _documented_acl() if not a.startswith("&") and a != "+subscribe"]
+    redis_server.cli(*argv)
+    url = redis_server.url.replace("redis://", "redis://dns-sidecar:s3cret@")
+    holder, waiter = SharedCache(url, deadline=0.5), SharedCache(url, deadline=0.5)
+    try:
+        for sc in (holder, waiter):
+            await sc.start()
+        await until(lambda: waiter.notices.failures >= 1)
+        k = keys(1, "acl-poll")[0]
+        assert await holder.lookup(k, lambda: 0.05) is None
+        wait = asyncio.ensure_future(waiter.lookup(k, lambda: 5.0))
+        await until(lambda: waiter.stats()["leases"]["waited"] == 1)
+        holder.put(k, entry(holder.clock()))
+        assert await wait is not None
+        st = waiter.stats()
+        assert not st["notices"]["live"] and st["batches"]["polls"] >= 1, st
+        assert st["state"] == "closed", st
+    finally:
+        for sc in (holder, waiter):
+            await sc.close()
+        redis_server.cli("acl", "deluser", "dns-sidecar")
