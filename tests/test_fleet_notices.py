@@ -239,3 +239,24 @@ async def test_an_acl_without_the_channel_leaves_waiters_polling(redis_server): 
         for sc in (holder, waiter):
             await sc.close()
         redis_server.cli("acl", "deluser", "dns-sidecar")
+
+
+async def test_a_wait_that_gave_up_still_gets_the_value_for_the_miss_path(caches):
+    holder, waiter = await caches(), await caches()
+    k = keys(1, "late")[0]
+    assert await holder.lookup(k, lambda: 0.05) is None
+    assert await waiter.lookup(k, lambda: 0.001) is None  # gave up: resolve it ourselves
+    late = waiter.late(k)
+    assert late is not None and waiter.late(k) is None    # taken once
+    holder.put(k, entry(holder.clock()))
+    assert await late is not None
+    st = waiter.stats()
+    assert st["leases"]["timeouts"] == 1 and st["leases"]["late_hits"] == 1, st
+    assert st["hits"] == 1 and st["misses"] == 0, st
+
+
+async def test_no_late_value_without_a_wait_that_gave_up(caches):
+    sc = await caches()
+    k = keys(1, "nolate")[0]
+    assert await sc.lookup(k, lambda: 0.05) is None       # the lease is ours: no wait
+    assert sc.late(k) is None

@@ -40,6 +40,9 @@ class _NoSecond:
     async def lookup(self, key: bytes, wait: Any) -> None:
         return None
 
+    def late(self, key: bytes) -> None:
+        return None
+
     def put(self, key: bytes, entry: Any) -> None:
         pass
 
@@ -130,3 +133,60 @@ async def test_a_waiter_outlasts_a_holder_whose_write_queues_as_long_as_ours(
         hits += await wait is not None
     st = waiter.stats()
     assert hits == 3 and st["leases"]["timeouts"] == 0, st
+
+
+class _LateSecond(_NoSecond):
+    """A second level whose wait gave up; the holder's entry comes (or not) through
+    ``theirs``, which the test settles."""
+
+    def __init__(self) -> None:
+        self.theirs: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    def late(self, key: bytes) -> asyncio.Future[Any]:
+        return self.theirs
+
+
+async def test_a_late_value_from_the_fleet_beats_our_own_slow_upstream_answer() -> None:
+    from sidecar.dns.cache import BODY, EXPIRES, Cache
+    from sidecar.miss.entry import TtlPolicy
+    from sidecar.miss.fetch import Fetcher
+
+    pool = _SlowPool()                                   # our own query never answers
+    second = _LateSecond()
+    cache = Cache(100)
+    fetcher = Fetcher(cache, pool, TtlPolicy(), budget=2.0,  # type: ignore[arg-type]
+                      second=second)
+    try:
+        key = _key("late")
+        fut = fetcher.lookup(key)
+        await asyncio.sleep(0.05)                         # our upstream query is out
+        assert fetcher._slots.free == fetcher.max_inflight - 1
+        theirs = entry(fetcher.clock())
+        second.theirs.set_result(theirs)
+        async with asyncio.timeout(5):                    # ours would hang forever
+            got, _ = await fut
+        assert got[BODY] == theirs[BODY] and got[EXPIRES] == theirs[EXPIRES]
+        assert cache.entries[key] is got                  # in the local cache too
+        await asyncio.sleep(0)                            # our query's task ends cancelled
+        assert fetcher._slots.free == fetcher.max_inflight, "the upstream slot was not freed"
+    finally:
+        await fetcher.close()
+
+
+async def test_our_own_answer_first_stops_listening_for_the_late_one() -> None:
+    from sidecar.dns.cache import Cache
+    from sidecar.miss.entry import TtlPolicy
+    from sidecar.miss.fetch import Fetcher
+
+    pool = _SlowPool()
+    second = _LateSecond()
+    fetcher = Fetcher(Cache(100), pool, TtlPolicy(), budget=2.0,  # type: ignore[arg-type]
+                      second=second)
+    try:
+        fut = fetcher.lookup(_key("own"))
+        await asyncio.sleep(0.05)
+        pool.answer.set_exception(OSError("upstream failed"))  # our own answer: a failure
+        await fut
+        assert second.theirs.cancelled()
+    finally:
+        await fetcher.close()

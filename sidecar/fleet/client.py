@@ -31,6 +31,7 @@ tag: a value, its lease and its mark live in one slot, as a script's keys must.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -130,7 +131,7 @@ class _Waiter:
     last estimated), what a plain miss costs (``plain()``), and its future of the value
     (None: gave up; :data:`_FAILED`: the server failed)."""
 
-    __slots__ = ("data_key", "since", "until", "plain", "fut")
+    __slots__ = ("data_key", "since", "until", "plain", "fut", "late")
 
     def __init__(self, data_key: bytes, since: float, until: float,
                  plain: Callable[[], float], fut: asyncio.Future[Any]) -> None:
@@ -139,6 +140,8 @@ class _Waiter:
         self.until = until
         self.plain = plain
         self.fut = fut
+        #: Gave up, and now only listens for the value until the lease ends (:meth:`late`).
+        self.late = False
 
 
 def parse_url(url: str) -> tuple[str, bool]:
@@ -229,6 +232,9 @@ class SharedCache:
         #: value key -> (when, value) of notices that came before their waiter: the notice
         #: and the lookup's reply travel on two connections.
         self._early: dict[bytes, tuple[float, bytes]] = {}
+        #: value key -> (since when, future of the value) of waits that gave up, until the
+        #: miss path takes the future (:meth:`late`).
+        self._late: dict[bytes, tuple[float, asyncio.Future[Any]]] = {}
         self._poller: asyncio.Task[None] | None = None
         self._ticks = 0
         self._resync = False
@@ -255,14 +261,14 @@ class SharedCache:
         self.lease_waited = 0
         self.lease_wait_hits = 0
         self.lease_timeouts = 0
+        self.lease_late_hits = 0  # given up, then the value came before our own answer
 
     # ------------------------------------------------------------------ keys
 
     def data_key(self, key: bytes) -> bytes:
         """``<prefix>{<name>/<qtype>/<qclass>}``: the braces are Redis Cluster's hash tag, so
         the value and its lease (:meth:`lease_key`) hash to one slot and one pipeline."""
-        return b"%s{%s/%d/%d}" % (self._prefix, qname_text(key).encode(), key_type(key),
-                                  int.from_bytes(key[-2:], "big"))
+        return _data_key(self._prefix, key)
 
     def lease_key(self, key: bytes) -> bytes:
         return self.data_key(key) + b"/lease"
@@ -335,6 +341,31 @@ class SharedCache:
             write = max(rtt, self.held_writes.percentile(0.9) or 0.0)
             self._estimates = (now + ESTIMATE_REUSE, rtt, write)
         return min(self.lease_ttl, plain + write + rtt + self.poll_interval)
+
+    def late(self, key: bytes) -> asyncio.Future[RawEntry | None] | None:
+        """After :meth:`lookup` gave up waiting for ``key``: a future of the holder's entry,
+        should its value still come within the lease (None: the wait did not give up, or
+        the server failed). Cancelling it stops the listening."""
+        if not self._late:  # no wait gave up: the common case costs no key
+            return None
+        got = self._late.pop(self.data_key(key), None)
+        if got is None:
+            return None
+        fut = got[1]
+        if fut.done() and (fut.cancelled() or fut.result() is None or fut.result() is _FAILED):
+            return None
+        return asyncio.ensure_future(self._late_entry(key, fut))
+
+    async def _late_entry(self, key: bytes, value: asyncio.Future[Any]) -> RawEntry | None:
+        got = await value
+        if got is None or got is _FAILED:
+            return None
+        entry = self._decode(key, got)
+        if entry is not None:  # the lookup's miss turned out a hit (reject() may undo it)
+            self.hits += 1
+            self.misses -= 1
+            self.lease_late_hits += 1
+        return entry
 
     def _hold(self, data_key: bytes) -> None:
         """Remember that the fleet waits for our value of ``data_key`` (:meth:`put` sends it
@@ -437,7 +468,8 @@ class SharedCache:
             "errors": dict(self.errors),
             "rejected": dict(self.rejected),
             "leases": {"won": self.lease_won, "waited": self.lease_waited,
-                       "wait_hits": self.lease_wait_hits, "timeouts": self.lease_timeouts},
+                       "wait_hits": self.lease_wait_hits, "timeouts": self.lease_timeouts,
+                "late_hits": self.lease_late_hits},
             "batches": {"lookups": self._lookups.batches, "writes": self._writes.batches,
                         "polls": self.polls},
             "notices": {"live": self.notices.live, "sent": self.notices_sent,
@@ -475,15 +507,16 @@ class SharedCache:
                     _settle(fut, pair)
 
     async def _get_and_lease(self, keys: list[bytes]) -> list[tuple[bytes | None, bool]]:
-        # Not a transaction (MULTI/EXEC): each script is atomic on its own, and a plain
-        # pipeline is one write and one read on the socket; a cluster's pipeline routes each
-        # script by its keys' slot and sends to every node at once.
+        # A single server: one script for the batch. A cluster: one per key (a script's keys
+        # must share a slot), in a pipeline (not a transaction) that redis-py routes by slot
+        # and sends to every node at once.
         def build(pipe: Any) -> None:
-            for k in keys:
-                pipe.execute_command("EVALSHA", scripts.LOOKUP_SHA, 3, k, k + b"/lease",
-                                     k + scripts.WAIT_SUFFIX, self._token, self.lease_ms)
-        replies = await self._scripted(build)
-        return [(r[0], bool(r[1])) for r in replies]
+            for group in ([keys] if not self.cluster else [[k] for k in keys]):
+                args = [x for k in group for x in (k, k + b"/lease", k + scripts.WAIT_SUFFIX)]
+                pipe.execute_command("EVALSHA", scripts.LOOKUP_SHA, len(args), *args,
+                                     self._token, self.lease_ms)
+        flat = [x for reply in await self._scripted(build) for x in reply]
+        return [(flat[i], bool(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     async def _scripted(self, build: Callable[[Any], None]) -> list[Any]:
         """The replies of a pipeline of scripts by SHA; a server that lost them (restart,
@@ -518,14 +551,16 @@ class SharedCache:
                 return
             try:
                 def build(pipe: Any) -> None:
-                    for data_key, value, px, _queued in batch:
-                        pipe.execute_command("EVALSHA", scripts.WRITE_SHA, 2, data_key,
-                                             data_key + scripts.WAIT_SUFFIX, value, px,
-                                             self.channel)
+                    for group in [batch] if not self.cluster else [[w] for w in batch]:
+                        ks = [x for k, _v, _px, _q in group
+                              for x in (k, k + scripts.WAIT_SUFFIX)]
+                        argv = [x for _k, v, px, _q in group for x in (v, px)]
+                        pipe.execute_command("EVALSHA", scripts.WRITE_SHA, len(ks), *ks,
+                                             self.channel, *argv)
                 published = await self._timed(self._scripted(build), self.write_deadline)
                 if published is not _FAILED:
                     self.writes += len(batch)
-                    self.notices_sent += sum(map(bool, published))
+                    self.notices_sent += sum(published)
                     now = asyncio.get_running_loop().time()
                     for *_kvp, queued in batch:
                         if queued is not None:
@@ -609,11 +644,14 @@ class SharedCache:
                 now = loop.time()
                 for w in self._live_waiters():
                     if w.until <= now:
+                        if w.late:
+                            _settle(w.fut, None)
+                            continue
                         # Estimated again when due, from what a miss costs now: a burst
                         # slows the holder's answer and our own misses alike.
                         w.until = w.since + self.lease_wait(w.plain())
                         if w.until <= now:
-                            _settle(w.fut, None)
+                            self._give_up(w, now)
                 self._prune()
                 if not self._waiters:
                     break
@@ -633,6 +671,21 @@ class SharedCache:
                 self._prune()
         finally:
             self._poller = None
+
+    def _give_up(self, w: _Waiter, now: float) -> None:
+        """End ``w``'s wait (the lookup answers None) and keep listening for its value
+        until the lease ends, for the miss path to race against its own answer."""
+        gave_up, w.fut = w.fut, asyncio.get_running_loop().create_future()
+        w.late = True
+        w.until = w.since + self.lease_ttl
+        late = self._late
+        if len(late) >= self.max_reads:  # futures the miss path never took
+            for k in [k for k, (t, _f) in late.items() if now - t >= self.lease_ttl]:
+                del late[k]
+            if len(late) >= self.max_reads:
+                _settle(late.pop(next(iter(late)))[1], None)
+        late[w.data_key] = (now, w.fut)
+        _settle(gave_up, None)
 
     def _live_waiters(self) -> list[_Waiter]:
         return [w for ws in self._waiters.values() for w in ws if not w.fut.done()]
@@ -751,6 +804,14 @@ class _Expiry:
             loop.call_soon(self.fire)  # runs after the loop's next poll of its sockets
         else:
             self.cm.reschedule(loop.time())
+
+
+@functools.lru_cache(maxsize=MAX_READS)
+def _data_key(prefix: bytes, key: bytes) -> bytes:
+    # Memoized: a miss asks for its key on lookup and again on write, and the name's
+    # presentation form is most of a lookup's own CPU.
+    return b"%s{%s/%d/%d}" % (prefix, qname_text(key).encode(), key_type(key),
+                              int.from_bytes(key[-2:], "big"))
 
 
 def _settle(fut: asyncio.Future[Any], result: Any) -> None:

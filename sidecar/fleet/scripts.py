@@ -10,6 +10,10 @@ meet each other run on the server, each atomically:
 * **write** (value key, wait key): store the value; if the key is marked as waited for,
   clear the mark and publish the key and its value on the fleet's channel.
 
+Each script takes any number of keys (triples, pairs) and does its step for each: a single
+server gets one call per batch, so redis-py packs and parses one command instead of one
+per key; a cluster, whose scripts may only touch one slot, gets one call per key.
+
 The server runs scripts one at a time, so a waiter either finds the value or marks the key
 before the write looks for the mark: no notice is lost between the two, and nothing is
 published for a key nobody waits for (a fleet's channel carries its contended names, not
@@ -25,28 +29,40 @@ from __future__ import annotations
 import hashlib
 from typing import Final
 
-#: KEYS: value, lease, wait mark. ARGV: our lease token, lease milliseconds.
-#: Returns {value or nil, 1 if the lease is ours}.
+#: KEYS: (value, lease, wait mark) per key. ARGV: our lease token, lease milliseconds.
+#: Returns (value or nil, 1 if the lease is ours) per key, flat.
 LOOKUP: Final = b"""\
-local v = redis.call('GET', KEYS[1])
-if v then return {v, 0} end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
-   or redis.call('GET', KEYS[2]) == ARGV[1] then
-  return {false, 1}
+local out = {}
+for i = 1, #KEYS, 3 do
+  local v = redis.call('GET', KEYS[i])
+  if v then
+    out[#out + 1] = v
+    out[#out + 1] = 0
+  elseif redis.call('SET', KEYS[i + 1], ARGV[1], 'NX', 'PX', ARGV[2])
+      or redis.call('GET', KEYS[i + 1]) == ARGV[1] then
+    out[#out + 1] = false
+    out[#out + 1] = 1
+  else
+    redis.call('SET', KEYS[i + 2], '1', 'PX', ARGV[2])
+    out[#out + 1] = false
+    out[#out + 1] = 0
+  end
 end
-redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
-return {false, 0}
+return out
 """
 
-#: KEYS: value, wait mark. ARGV: value, PX milliseconds, the notice channel.
-#: Returns 1 if a notice was published.
+#: KEYS: (value, wait mark) per key. ARGV: the notice channel, then (value, PX
+#: milliseconds) per key. Returns how many notices were published.
 WRITE: Final = b"""\
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if redis.call('DEL', KEYS[2]) == 1 then
-  redis.call('PUBLISH', ARGV[3], string.len(KEYS[1]) .. ':' .. KEYS[1] .. ARGV[1])
-  return 1
+local sent = 0
+for i = 1, #KEYS, 2 do
+  redis.call('SET', KEYS[i], ARGV[i + 1], 'PX', ARGV[i + 2])
+  if redis.call('DEL', KEYS[i + 1]) == 1 then
+    redis.call('PUBLISH', ARGV[1], string.len(KEYS[i]) .. ':' .. KEYS[i] .. ARGV[i + 1])
+    sent = sent + 1
+  end
 end
-return 0
+return sent
 """
 
 LOOKUP_SHA: Final = hashlib.sha1(LOOKUP).hexdigest()

@@ -254,6 +254,9 @@ class Fetcher:
                 shared = await self._from_second(key, second)
                 if shared is not None:
                     return shared, False
+                late = second.late(key)
+                if late is not None:
+                    return await self._race(key, second, late)
             return await self._fetch_inner(key)
         except Exception:
             log.exception("miss path failed for %r", key)
@@ -356,11 +359,33 @@ class Fetcher:
         self._recheck.pop(key, None)
         return entry, False
 
+    async def _race(self, key: bytes, second: SecondLevel,
+                    late: asyncio.Future[RawEntry | None]) -> tuple[RawEntry, bool]:
+        """Our own upstream answer or the holder's late one, whichever comes first and is
+        usable: a wait that gave up just before the holder's value landed costs neither the
+        client an upstream miss on top nor the fleet more than the query already sent."""
+        own = asyncio.ensure_future(self._fetch_inner(key))
+        try:
+            await asyncio.wait((own, late), return_when=asyncio.FIRST_COMPLETED)
+            theirs = None if own.done() or late.cancelled() else late.result()
+            if theirs is not None:
+                entry = self._take_second(key, theirs, second)
+                if entry is not None:
+                    return entry, False  # ours is cancelled below: its slot is freed
+            return await own
+        finally:
+            late.cancel()
+            if not own.done():
+                own.cancel()
+
     async def _from_second(self, key: bytes, second: SecondLevel) -> RawEntry | None:
         """The second level's entry for ``key``, now in the local cache; None: ask upstream."""
         entry = await second.lookup(key, lambda: self._lease_wait(key))
-        if entry is None:
-            return None
+        return None if entry is None else self._take_second(key, entry, second)
+
+    def _take_second(self, key: bytes, entry: RawEntry, second: SecondLevel) -> RawEntry | None:
+        """``entry`` from the second level, checked and put in the local cache; None:
+        unusable, or no fresher than ours."""
         now = self.clock()
         why = check_outside(key, entry, self.scrub_policy, self.policy, now)
         if why is not None:

@@ -9,6 +9,7 @@ second level that cannot answer in time answers None.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Protocol
 
@@ -24,6 +25,12 @@ class SecondLevel(Protocol):
         ``key`` here would take (seconds; called only then: it costs a little); the wait is
         about that plus the second level's own round trips, so that it ends when the
         holder's answer is due, not just before."""
+        ...
+
+    def late(self, key: bytes) -> asyncio.Future[RawEntry | None] | None:
+        """After :meth:`lookup` gave up waiting for another sidecar's entry for ``key``: a
+        future of that entry should it still come (None: nothing to wait for). The miss
+        path races it against its own upstream answer and cancels the loser."""
         ...
 
     def put(self, key: bytes, entry: RawEntry) -> None:
