@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -30,16 +29,8 @@ from sidecar.testing.redisserver import RedisServer, available, free_port
 from . import common, peers, zone
 
 
-def _query(name: str, qid: int) -> bytes:
-    q = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
-    for label in name.split("."):
-        q += bytes([len(label)]) + label.encode()
-    return q + b"\x00" + struct.pack(">HH", 1, 1)
-
-
-def _pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return round(xs[min(len(xs) - 1, int(p * len(xs)))] * 1000, 3)
+def _ms(xs: list[float], p: float) -> float:
+    return round(common.pct(xs, p) * 1000, 3)
 
 
 def _stats(port: int) -> dict:
@@ -58,10 +49,10 @@ def measure(a: int, b: int, names: int, gap: float, tag: str) -> dict:
     lost = 0
     try:
         for i in range(names):
-            q = _query(f"{tag}{i}.{zone.ZONE}", i & 0xFFFF)
+            q = common.build_query(f"{tag}{i}.{zone.ZONE}", 1, i & 0xFFFF)
             t0 = time.perf_counter()
             sa.sendto(q, ("127.0.0.1", a))
-            time.sleep(gap)  # noqa: (a bench: B must ask after A took the lease)
+            time.sleep(gap)  # B must ask after A took the lease
             sb.sendto(q, ("127.0.0.1", b))
             try:
                 sa.recv(4096)
@@ -79,7 +70,7 @@ def measure(a: int, b: int, names: int, gap: float, tag: str) -> dict:
         sb.close()
     out = {"names": names, "lost": lost}
     for key, xs in (("holder_ms", ta), ("waiter_ms", tb), ("waiter_after_holder_ms", after)):
-        out[key] = {"p50": _pct(xs, 0.5), "p90": _pct(xs, 0.9), "p99": _pct(xs, 0.99)}
+        out[key] = {"p50": _ms(xs, 50), "p90": _ms(xs, 90), "p99": _ms(xs, 99)}
     return out
 
 
