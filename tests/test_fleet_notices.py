@@ -14,6 +14,7 @@ import pytest
 
 from sidecar.fleet import scripts
 from sidecar.fleet.client import SharedCache
+from sidecar.fleet.notify import Notices
 from sidecar.testing.redisserver import RedisServer, available
 from tests.test_fleet_batch import RoundTrips, commands, entry, keys
 
@@ -260,3 +261,24 @@ async def test_no_late_value_without_a_wait_that_gave_up(caches):
     k = keys(1, "nolate")[0]
     assert await sc.lookup(k, lambda: 0.05) is None       # the lease is ours: no wait
     assert sc.late(k) is None
+
+
+async def test_a_client_without_pubsub_leaves_waiters_polling(caches, redis_server):  # noqa: F811
+    """redis-py before 8 has no pubsub() on its asyncio cluster client: no notices, and the
+    lease waits still end with the value, by polling."""
+    holder = await caches()
+    waiter = SharedCache(redis_server.url, deadline=0.5)
+    waiter.notices = Notices(None, waiter.channel, waiter._notice, waiter._notices_up,
+                             deadline=0.5)
+    await waiter.start()
+    try:
+        assert not waiter.notices.live and waiter.notices._task is None
+        k = keys(1, "nopubsub")[0]
+        assert await holder.lookup(k, lambda: 0.05) is None
+        wait = asyncio.ensure_future(waiter.lookup(k, lambda: 5.0))
+        await until(lambda: waiter.stats()["leases"]["waited"] == 1)
+        holder.put(k, entry(holder.clock()))
+        assert await wait is not None
+        assert waiter.stats()["batches"]["polls"] >= 1
+    finally:
+        await waiter.close()

@@ -214,8 +214,10 @@ class SharedCache:
                                POOL_SIZE + SUBSCRIPTIONS)
         self.breaker = Breaker(self._probe)
         self.channel = self._prefix + scripts.CHANNEL_SUFFIX
-        self.notices = Notices(self._client.pubsub, self.channel, self._notice,
-                               self._notices_up, deadline=self.write_deadline)
+        # redis-py's asyncio cluster client has pubsub() from 8.0 on; before, a cluster's
+        # waiters poll.
+        self.notices = Notices(getattr(self._client, "pubsub", None), self.channel,
+                               self._notice, self._notices_up, deadline=self.write_deadline)
         self._token = os.urandom(8).hex()
         self._wire = asyncio.Semaphore(POOL_SIZE)
         self._lookups: Batcher[_Read] = Batcher(self._lookup_batch, max_batch=max_batch,
@@ -271,10 +273,7 @@ class SharedCache:
         return _data_key(self._prefix, key)
 
     def lease_key(self, key: bytes) -> bytes:
-        return self.data_key(key) + b"/lease"
-
-    def wait_key(self, key: bytes) -> bytes:
-        return self.data_key(key) + scripts.WAIT_SUFFIX
+        return self.data_key(key) + scripts.LEASE_SUFFIX
 
     # ------------------------------------------------------------------ SecondLevel
 
@@ -469,7 +468,7 @@ class SharedCache:
             "rejected": dict(self.rejected),
             "leases": {"won": self.lease_won, "waited": self.lease_waited,
                        "wait_hits": self.lease_wait_hits, "timeouts": self.lease_timeouts,
-                "late_hits": self.lease_late_hits},
+                       "late_hits": self.lease_late_hits},
             "batches": {"lookups": self._lookups.batches, "writes": self._writes.batches,
                         "polls": self.polls},
             "notices": {"live": self.notices.live, "sent": self.notices_sent,
@@ -512,7 +511,8 @@ class SharedCache:
         # and sends to every node at once.
         def build(pipe: Any) -> None:
             for group in ([keys] if not self.cluster else [[k] for k in keys]):
-                args = [x for k in group for x in (k, k + b"/lease", k + scripts.WAIT_SUFFIX)]
+                args = [x for k in group
+                        for x in (k, k + scripts.LEASE_SUFFIX, k + scripts.WAIT_SUFFIX)]
                 pipe.execute_command("EVALSHA", scripts.LOOKUP_SHA, len(args), *args,
                                      self._token, self.lease_ms)
         flat = [x for reply in await self._scripted(build) for x in reply]
@@ -743,8 +743,11 @@ class SharedCache:
         return True
 
     async def _warm(self) -> None:
-        # Concurrent PINGs: each takes a connection of its own, so the pool is full after.
-        await asyncio.gather(*(self._client.ping() for _ in range(POOL_SIZE)))
+        # Concurrent PINGs: each takes a connection of its own, so the pool is full after
+        # (on a cluster, every node's: a lookup batch goes to all of them at once, and a
+        # connection opened inside its deadline could cost the deadline).
+        kw: dict[str, Any] = {"target_nodes": RedisCluster.ALL_NODES} if self.cluster else {}
+        await asyncio.gather(*(self._client.ping(**kw) for _ in range(POOL_SIZE)))
         await self._load_scripts()
 
     async def _probe(self) -> bool:

@@ -31,9 +31,10 @@ BACKOFF_MAX: Final = 30.0
 
 class Notices:
     """Subscribes ``pubsub()`` (a redis-py PubSub, new per attempt) to ``channel`` and
-    calls ``on_message(data)`` per message. ``start()``, ``close()``; ``live``; counters."""
+    calls ``on_message(data)`` per message. ``start()``, ``close()``; ``live``; counters.
+    Without ``pubsub`` (a client that has none) it never starts: waiters poll."""
 
-    def __init__(self, pubsub: Callable[[], Any], channel: bytes,
+    def __init__(self, pubsub: Callable[[], Any] | None, channel: bytes,
                  on_message: Callable[[bytes], None], on_up: Callable[[], None], *,
                  deadline: float, idle: float = IDLE_READ) -> None:
         self._pubsub = pubsub
@@ -49,6 +50,10 @@ class Notices:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        if self._pubsub is None:
+            log.info("shared cache notices need pub/sub, which this redis-py client lacks"
+                     " (a cluster before redis-py 8); lease waiters poll")
+            return
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -71,6 +76,7 @@ class Notices:
         """One subscription until it fails; True if it was up."""
         ps = None
         up = False
+        assert self._pubsub is not None
         try:
             ps = self._pubsub()
             async with asyncio.timeout(self.deadline):

@@ -69,7 +69,8 @@ LOOKUP_SHA: Final = hashlib.sha1(LOOKUP).hexdigest()
 WRITE_SHA: Final = hashlib.sha1(WRITE).hexdigest()
 SCRIPTS: Final = ((LOOKUP_SHA, LOOKUP), (WRITE_SHA, WRITE))
 
-#: The mark's key suffix, beside the value key's ``/lease``.
+#: Key suffixes of a value's lease and of its waited-for mark.
+LEASE_SUFFIX: Final = b"/lease"
 WAIT_SUFFIX: Final = b"/wait"
 #: The channel's name after the key prefix (an ACL's ``&<prefix>*`` covers it).
 CHANNEL_SUFFIX: Final = b"notices"

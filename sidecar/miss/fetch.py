@@ -367,7 +367,8 @@ class Fetcher:
         own = asyncio.ensure_future(self._fetch_inner(key))
         try:
             await asyncio.wait((own, late), return_when=asyncio.FIRST_COMPLETED)
-            theirs = None if own.done() or late.cancelled() else late.result()
+            theirs = (None if own.done() or late.cancelled() or late.exception() is not None
+                      else late.result())
             if theirs is not None:
                 entry = self._take_second(key, theirs, second)
                 if entry is not None:
