@@ -43,6 +43,30 @@ work=$(mktemp -d)
 export STORAGE_DRIVER=vfs BUILDAH_ISOLATION=chroot
 bh() { buildah --root "$work/store" --runroot "$work/run" "$@"; }
 pids=()
+# wait_api PATH SECONDS LOG: until the container's API answers PATH with 200 (else FAIL and LOG).
+wait_api() {
+  "$PY" - "$http_port" "$1" "$2" <<'PY' || { cat "$3"; exit 1; }
+import sys, time, urllib.request
+port, path, limit = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+deadline = time.monotonic() + limit
+while True:
+    try:
+        if opener.open(f"http://127.0.0.1:{port}{path}", timeout=1).status == 200:
+            break
+    except OSError:
+        pass
+    if time.monotonic() > deadline:
+        raise SystemExit(f"image-smoke: FAIL: {path} never answered 200 within {limit:g} s")
+    time.sleep(0.2)
+PY
+}
+# stop_sidecar WHAT LOG: SIGTERM the running container's sidecar; it must exit 0.
+stop_sidecar() {
+  kill -TERM "$(pgrep -n -f "python[0-9.]* /usr/local/bin/dns-sidecar")"
+  rc=0; wait "$runner" || rc=$?
+  [ "$rc" = 0 ] || { say "FAIL: SIGTERM $1: exit code $rc"; cat "$2"; exit 1; }
+}
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   bh rm --all >/dev/null 2>&1 || true
@@ -118,30 +142,13 @@ if bh run "$ctr" -- sh -c 'command -v gcc || command -v cc || command -v make ||
 fi
 bh run "${run_env[@]}" "${shared_env[@]}" "${cache_vol[@]}" "$ctr" -- dns-sidecar >"$work/sidecar.log" 2>&1 & runner=$!
 
+wait_api /healthz 30 "$work/sidecar.log"
+wait_api /readyz 10 "$work/sidecar.log"
 "$PY" - "$dns_port" "$http_port" "$work/ttl" <<'PY' || { cat "$work/sidecar.log"; exit 1; }
-import json, socket, sys, time, urllib.request
+import json, socket, sys, urllib.request
 from dnslib import DNSRecord
 dns_port, http_port = int(sys.argv[1]), int(sys.argv[2])
 opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-deadline = time.monotonic() + 30
-while True:
-    try:
-        assert opener.open(f"http://127.0.0.1:{http_port}/healthz", timeout=1).status == 200
-        break
-    except OSError:
-        if time.monotonic() > deadline:
-            raise SystemExit("image-smoke: FAIL: /healthz never answered")
-        time.sleep(0.2)
-deadline = time.monotonic() + 10
-while True:
-    try:
-        if opener.open(f"http://127.0.0.1:{http_port}/readyz", timeout=1).status == 200:
-            break
-    except OSError:
-        pass
-    if time.monotonic() > deadline:
-        raise SystemExit("image-smoke: FAIL: /readyz never said ready")
-    time.sleep(0.2)
 q = DNSRecord.question("www.example.test", "A")
 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
     s.settimeout(5)
@@ -184,20 +191,11 @@ snap_owner=$(stat -c %u "$work/cache/cache.snap")
 [ "$snap_owner" = 10001 ] || { say "FAIL: snapshot owned by uid $snap_owner"; exit 1; }
 kill "$upstream"; wait "$upstream" 2>/dev/null || true
 bh run "${run_env[@]}" "${cache_vol[@]}" "$ctr" -- dns-sidecar >"$work/sidecar2.log" 2>&1 & runner=$!
-"$PY" - "$dns_port" "$http_port" "$work/ttl" <<'PY' || { cat "$work/sidecar2.log"; exit 1; }
-import socket, sys, time, urllib.request
+wait_api /healthz 30 "$work/sidecar2.log"
+"$PY" - "$dns_port" "$work/ttl" <<'PY' || { cat "$work/sidecar2.log"; exit 1; }
+import socket, sys
 from dnslib import DNSRecord
-dns_port, http_port, before = int(sys.argv[1]), int(sys.argv[2]), int(open(sys.argv[3]).read())
-opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-deadline = time.monotonic() + 30
-while True:
-    try:
-        assert opener.open(f"http://127.0.0.1:{http_port}/healthz", timeout=1).status == 200
-        break
-    except OSError:
-        if time.monotonic() > deadline:
-            raise SystemExit("image-smoke: FAIL: /healthz never answered after the restart")
-        time.sleep(0.2)
+dns_port, before = int(sys.argv[1]), int(open(sys.argv[2]).read())
 
 def ask(name):
     q = DNSRecord.question(name, "A")
@@ -215,10 +213,7 @@ print(f"image-smoke: after a restart with the upstream gone, answered from the s
       f" (TTL {before} -> {r.rr[0].ttl}); a new name fails as it should")
 PY
 grep -q "entries loaded" "$work/sidecar2.log" || { say "FAIL: no snapshot load logged"; cat "$work/sidecar2.log"; exit 1; }
-pid=$(pgrep -n -f "python[0-9.]* /usr/local/bin/dns-sidecar")
-kill -TERM "$pid"
-rc=0; wait "$runner" || rc=$?
-[ "$rc" = 0 ] || { say "FAIL: SIGTERM after the restart: exit code $rc"; cat "$work/sidecar2.log"; exit 1; }
+stop_sidecar "after the restart" "$work/sidecar2.log"
 say "warm restart: the cache survived the container's restart on its volume"
 
 # Fleet cache: a fresh container (no snapshot) with the upstream still gone answers the name
@@ -231,20 +226,12 @@ if [ -n "$redis_port" ]; then
     [[ "$e" == -e || "$e" == DNS_SIDECAR_CACHE_FILE=* ]] || fresh_env+=(-e "$e")
   done
   bh run "${fresh_env[@]}" "${shared_env[@]}" "$ctr" -- dns-sidecar >"$work/sidecar3.log" 2>&1 & runner=$!
+  wait_api /readyz 30 "$work/sidecar3.log"
   "$PY" - "$dns_port" "$http_port" <<'PY' || { cat "$work/sidecar3.log"; exit 1; }
-import json, socket, sys, time, urllib.request
+import json, socket, sys, urllib.request
 from dnslib import DNSRecord
 dns_port, http_port = int(sys.argv[1]), int(sys.argv[2])
 opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-deadline = time.monotonic() + 30
-while True:
-    try:
-        assert opener.open(f"http://127.0.0.1:{http_port}/readyz", timeout=1).status == 200
-        break
-    except OSError:
-        if time.monotonic() > deadline:
-            raise SystemExit("image-smoke: FAIL: /readyz never said ready (fleet cache run)")
-        time.sleep(0.2)
 q = DNSRecord.question("www.example.test", "A")
 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
     s.settimeout(10)
@@ -256,10 +243,7 @@ assert shared["hits"] >= 1 and shared["state"] == "closed", shared
 print(f"image-smoke: a fresh container answered from the fleet cache ({shared['hits']} shared hit,"
       f" notices live: {shared['notices']['live']})")
 PY
-  pid=$(pgrep -n -f "python[0-9.]* /usr/local/bin/dns-sidecar")
-  kill -TERM "$pid"
-  rc=0; wait "$runner" || rc=$?
-  [ "$rc" = 0 ] || { say "FAIL: SIGTERM (fleet cache run): exit code $rc"; cat "$work/sidecar3.log"; exit 1; }
+  stop_sidecar "(fleet cache run)" "$work/sidecar3.log"
 else
   say "fleet cache step skipped: redis-server is not installed"
 fi

@@ -64,15 +64,28 @@ def entry(now: float, ttl: float = 300.0) -> RawEntry:
     return new_entry(0, 1, 0, 0, body, (6,), now, ttl)
 
 
+async def until(cond: Any, turns: int = 500) -> None:
+    """Bounded wait for a state another connection brings (no event to await for it)."""
+    for _ in range(turns):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached in 5 s")
+
+
 @pytest.fixture
 async def caches(redis_server: RedisServer) -> AsyncIterator[Any]:  # noqa: F811
+    """``await caches(**kw)``: a started SharedCache on ``redis_server`` (or ``url``), its
+    breaker closed and (unless ``live=False``) its notices subscribed; closed at the end."""
     made: list[SharedCache] = []
 
-    async def make(**kw: Any) -> SharedCache:
-        sc = SharedCache(redis_server.url, deadline=0.5, **kw)
+    async def make(url: str | None = None, live: bool = True, **kw: Any) -> SharedCache:
+        sc = SharedCache(url or redis_server.url, deadline=0.5, **kw)
+        made.append(sc)
         await sc.start()
         assert sc.breaker.state == "closed"
-        made.append(sc)
+        if live:
+            await until(lambda: sc.notices.live)
         return sc
 
     try:

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from sidecar.dns.wire import make_key
-from sidecar.fleet.client import SharedCache
 from sidecar.testing.redisserver import RedisCluster, available
 
 # The fixtures (fleet, upstream) come with the helpers; redis_server is overridden below.
-from tests.test_fleet_batch import entry, keys
-from tests.test_fleet_notices import until
+from tests.test_fleet_batch import caches, keys  # noqa: F401
+from tests.test_fleet_notices import hand_over
 from tests.test_fleet_shared import addresses, fleet, settle, upstream  # noqa: F401
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
@@ -49,26 +46,11 @@ async def test_sidecars_share_entries_through_a_cluster(fleet, upstream, cluster
     assert len(owners) == 3, "the keys landed on every node"
 
 
-async def test_a_waiter_is_noticed_through_the_cluster(cluster):
+async def test_a_waiter_is_noticed_through_the_cluster(caches):  # noqa: F811
     """The write's script publishes on the node of the key's slot; the waiter's subscription
     may be on any node (classic pub/sub crosses the cluster bus)."""
-    holder = SharedCache(cluster.url, deadline=0.5)
-    waiter = SharedCache(cluster.url, deadline=0.5, poll_interval=1.0)
-    try:
-        for sc in (holder, waiter):
-            await sc.start()
-            await until(lambda sc=sc: sc.notices.live)
-        ks = keys(30, "c")
-        assert all(e is None for e in await asyncio.gather(
-            *(holder.lookup(k, lambda: 0.05) for k in ks)))
-        waits = [asyncio.ensure_future(waiter.lookup(k, lambda: 5.0)) for k in ks]
-        await until(lambda: waiter.stats()["leases"]["waited"] == len(ks))
-        now = holder.clock()
-        for k in ks:
-            holder.put(k, entry(now))
-        assert all(e is not None for e in await asyncio.gather(*waits))
-        st = waiter.stats()
-        assert st["notices"]["used"] == len(ks) and st["batches"]["polls"] == 0, st
-    finally:
-        for sc in (holder, waiter):
-            await sc.close()
+    holder, waiter = await caches(), await caches(poll_interval=1.0)
+    ks = keys(30, "c")
+    assert all(e is not None for e in await hand_over(holder, waiter, ks))
+    st = waiter.stats()
+    assert st["notices"]["used"] == len(ks) and st["batches"]["polls"] == 0, st

@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from sidecar.fleet import scripts
-from sidecar.fleet.client import SharedCache
+from sidecar.fleet import codec, scripts
+from sidecar.fleet.client import EARLY_BYTES, SharedCache
 from sidecar.fleet.notify import Notices
 from sidecar.testing.redisserver import RedisServer, available
-from tests.test_fleet_batch import RoundTrips, commands, entry, keys
+from tests.test_fleet_batch import RoundTrips, caches, commands, entry, keys, until  # noqa: F401
 
 # The redis_server fixture comes with the helpers.
 from tests.test_fleet_shared import redis_server  # noqa: F401
@@ -24,47 +24,37 @@ from tests.test_fleet_shared import redis_server  # noqa: F401
 pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
 
 
-@pytest.fixture
-async def caches(redis_server: RedisServer) -> AsyncIterator[Any]:  # noqa: F811
-    made: list[SharedCache] = []
-
-    async def make(**kw: Any) -> SharedCache:
-        sc = SharedCache(redis_server.url, deadline=0.5, **kw)
-        await sc.start()
-        assert sc.breaker.state == "closed"
-        await until(lambda: sc.notices.live)
-        made.append(sc)
-        return sc
-
-    try:
-        yield make
-    finally:
-        for sc in made:
-            await sc.close()
-
-
-async def until(cond: Any, turns: int = 500) -> None:
-    """Bounded wait for a state another connection brings (no event to await for it)."""
-    for _ in range(turns):
-        if cond():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached in 5 s")
-
-
-async def test_waiters_are_woken_by_the_holders_write_not_by_polls(caches):
-    # A tick as long as the lease: the waiters' first read would come when they give up.
-    holder, waiter = await caches(), await caches(poll_interval=1.0)
-    ks = keys(200, "n")
+async def hand_over(holder: SharedCache, waiter: SharedCache, ks: list[bytes]) -> list[Any]:
+    """``holder`` takes the leases of ``ks``, ``waiter`` waits for them, then ``holder``
+    writes them: what the waiter's lookups return."""
     assert all(e is None for e in await asyncio.gather(
         *(holder.lookup(k, lambda: 0.05) for k in ks)))
-    trips = RoundTrips(waiter)
+    waited = waiter.stats()["leases"]["waited"] + len(ks)
     waits = [asyncio.ensure_future(waiter.lookup(k, lambda: 5.0)) for k in ks]
-    await until(lambda: waiter.stats()["leases"]["waited"] == 200)
+    await until(lambda: waiter.stats()["leases"]["waited"] == waited)
     now = holder.clock()
     for k in ks:
         holder.put(k, entry(now))
-    got = await asyncio.gather(*waits)
+    return await asyncio.gather(*waits)
+
+
+@pytest.fixture
+def acl_user(redis_server: RedisServer) -> Iterator[Callable[[list[str]], str]]:  # noqa: F811
+    """``acl_user(argv)``: runs an ``ACL SETUSER dns-sidecar ...`` and gives the URL that logs
+    in as that user; the user is deleted at the end."""
+    def grant(argv: list[str]) -> str:
+        redis_server.cli(*argv)
+        return redis_server.url.replace("redis://", "redis://dns-sidecar:s3cret@")
+
+    yield grant
+    redis_server.cli("acl", "deluser", "dns-sidecar")
+
+
+async def test_waiters_are_woken_by_the_holders_write_not_by_polls(caches):  # noqa: F811
+    # A tick as long as the lease: the waiters' first read would come when they give up.
+    holder, waiter = await caches(), await caches(poll_interval=1.0)
+    trips = RoundTrips(waiter)
+    got = await hand_over(holder, waiter, keys(200, "n"))
     st = waiter.stats()
     assert all(e is not None for e in got)
     assert st["leases"]["wait_hits"] == 200 and st["notices"]["used"] == 200, st
@@ -89,7 +79,7 @@ async def test_a_write_nobody_waits_for_publishes_nothing(caches, redis_server):
     assert other.notices.received == 0
 
 
-async def test_a_notice_before_its_waiter_is_kept_for_it(caches):
+async def test_a_notice_before_its_waiter_is_kept_for_it(caches):  # noqa: F811
     """The notice and the lookup's reply come on two connections: the notice may win."""
     sc = await caches()
     k = keys(1, "e")[0]
@@ -191,58 +181,27 @@ def _documented_acl() -> list[str]:
     return ["acl", "setuser", *line.group(1).replace(">PASSWORD", ">s3cret").split()]
 
 
-async def test_the_documented_acl_is_enough(redis_server):  # noqa: F811
-    redis_server.cli(*_documented_acl())
-    url = redis_server.url.replace("redis://", "redis://dns-sidecar:s3cret@")
-    holder = SharedCache(url, deadline=0.5)
-    waiter = SharedCache(url, deadline=0.5, poll_interval=1.0)
-    try:
-        for sc in (holder, waiter):
-            await sc.start()
-            await until(lambda sc=sc: sc.notices.live)
-        ks = keys(5, "acl")
-        assert all(e is None for e in await asyncio.gather(
-            *(holder.lookup(k, lambda: 0.05) for k in ks)))
-        waits = [asyncio.ensure_future(waiter.lookup(k, lambda: 5.0)) for k in ks]
-        await until(lambda: waiter.stats()["leases"]["waited"] == 5)
-        for k in ks:
-            holder.put(k, entry(holder.clock()))
-        assert all(e is not None for e in await asyncio.gather(*waits))
-        for sc in (holder, waiter):
-            st = sc.stats()
-            assert sum(st["errors"].values()) == 0 and st["state"] == "closed", st
-        assert waiter.stats()["notices"]["used"] == 5
-    finally:
-        for sc in (holder, waiter):
-            await sc.close()
-        redis_server.cli("acl", "deluser", "dns-sidecar")
+async def test_the_documented_acl_is_enough(caches, acl_user):  # noqa: F811
+    url = acl_user(_documented_acl())
+    holder, waiter = await caches(url), await caches(url, poll_interval=1.0)
+    assert all(e is not None for e in await hand_over(holder, waiter, keys(5, "acl")))
+    for sc in (holder, waiter):
+        st = sc.stats()
+        assert sum(st["errors"].values()) == 0 and st["state"] == "closed", st
+    assert waiter.stats()["notices"]["used"] == 5
 
 
-async def test_an_acl_without_the_channel_leaves_waiters_polling(redis_server):  # noqa: F811
-    argv = [a for a in _documented_acl() if not a.startswith("&") and a != "+subscribe"]
-    redis_server.cli(*argv)
-    url = redis_server.url.replace("redis://", "redis://dns-sidecar:s3cret@")
-    holder, waiter = SharedCache(url, deadline=0.5), SharedCache(url, deadline=0.5)
-    try:
-        for sc in (holder, waiter):
-            await sc.start()
-        await until(lambda: waiter.notices.failures >= 1)
-        k = keys(1, "acl-poll")[0]
-        assert await holder.lookup(k, lambda: 0.05) is None
-        wait = asyncio.ensure_future(waiter.lookup(k, lambda: 5.0))
-        await until(lambda: waiter.stats()["leases"]["waited"] == 1)
-        holder.put(k, entry(holder.clock()))
-        assert await wait is not None
-        st = waiter.stats()
-        assert not st["notices"]["live"] and st["batches"]["polls"] >= 1, st
-        assert st["state"] == "closed", st
-    finally:
-        for sc in (holder, waiter):
-            await sc.close()
-        redis_server.cli("acl", "deluser", "dns-sidecar")
+async def test_an_acl_without_the_channel_leaves_waiters_polling(caches, acl_user):  # noqa: F811
+    url = acl_user([a for a in _documented_acl() if not a.startswith("&") and a != "+subscribe"])
+    holder, waiter = await caches(url, live=False), await caches(url, live=False)
+    await until(lambda: waiter.notices.failures >= 1)
+    assert all(e is not None for e in await hand_over(holder, waiter, keys(1, "acl-poll")))
+    st = waiter.stats()
+    assert not st["notices"]["live"] and st["batches"]["polls"] >= 1, st
+    assert st["state"] == "closed", st
 
 
-async def test_a_wait_that_gave_up_still_gets_the_value_for_the_miss_path(caches):
+async def test_a_wait_that_gave_up_still_gets_the_value_for_the_miss_path(caches):  # noqa: F811
     holder, waiter = await caches(), await caches()
     k = keys(1, "late")[0]
     assert await holder.lookup(k, lambda: 0.05) is None
@@ -256,7 +215,7 @@ async def test_a_wait_that_gave_up_still_gets_the_value_for_the_miss_path(caches
     assert st["hits"] == 1 and st["misses"] == 0, st
 
 
-async def test_no_late_value_without_a_wait_that_gave_up(caches):
+async def test_no_late_value_without_a_wait_that_gave_up(caches):  # noqa: F811
     sc = await caches()
     k = keys(1, "nolate")[0]
     assert await sc.lookup(k, lambda: 0.05) is None       # the lease is ours: no wait
@@ -273,12 +232,23 @@ async def test_a_client_without_pubsub_leaves_waiters_polling(caches, redis_serv
     await waiter.start()
     try:
         assert not waiter.notices.live and waiter.notices._task is None
-        k = keys(1, "nopubsub")[0]
-        assert await holder.lookup(k, lambda: 0.05) is None
-        wait = asyncio.ensure_future(waiter.lookup(k, lambda: 5.0))
-        await until(lambda: waiter.stats()["leases"]["waited"] == 1)
-        holder.put(k, entry(holder.clock()))
-        assert await wait is not None
+        assert all(e is not None for e in await hand_over(holder, waiter, keys(1, "nopubsub")))
         assert waiter.stats()["batches"]["polls"] >= 1
     finally:
         await waiter.close()
+
+
+async def test_notices_nobody_waits_for_are_kept_within_their_byte_bound(
+        caches, redis_server):  # noqa: F811
+    """Anyone who can publish on the channel can send notices for keys nobody waits for:
+    what is kept of them for a late waiter stays within EARLY_BYTES, oldest out first."""
+    sc = await caches()
+    value = "v" * (codec.MAX_VALUE - 8)
+    for i in range(40):                                   # 40 x ~76 KiB: ~3 MiB sent
+        data_key = sc.data_key(keys(1, f"flood{i}-")[0]).decode()
+        redis_server.cli("publish", sc.channel.decode(), f"{len(data_key)}:{data_key}{value}")
+    await until(lambda: sc.notices.received == 40)
+    kept = sum(len(v) for _t, v in sc._early.values())
+    assert kept == sc._early_bytes <= EARLY_BYTES, (kept, sc._early_bytes)
+    assert len(sc._early) == EARLY_BYTES // len(value)    # the newest that fit
+    assert sc.data_key(keys(1, "flood39-")[0]) in sc._early

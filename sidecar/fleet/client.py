@@ -75,6 +75,10 @@ MAX_READS: Final = 4096
 #: a write is dropped (and counted): a slow server must not collect an unbounded queue.
 MAX_WRITES: Final = 4096
 MAX_WRITE_BYTES: Final = 4 << 20
+#: Notices kept for a waiter whose lookup reply is still on its way: their value bytes at
+#: most (and no more of them than ``max_reads``). Anyone who can publish on the channel
+#: could otherwise park ``max_reads`` values of the largest size here (~300 MiB).
+EARLY_BYTES: Final = 1 << 20
 #: Keys in one pipeline at most: a larger batch would hold the loop while redis-py packs and
 #: parses it, and one slow batch would delay more lookups.
 MAX_BATCH: Final = 512
@@ -234,6 +238,7 @@ class SharedCache:
         #: value key -> (when, value) of notices that came before their waiter: the notice
         #: and the lookup's reply travel on two connections.
         self._early: dict[bytes, tuple[float, bytes]] = {}
+        self._early_bytes = 0
         #: value key -> (since when, future of the value) of waits that gave up, until the
         #: miss path takes the future (:meth:`late`).
         self._late: dict[bytes, tuple[float, asyncio.Future[Any]]] = {}
@@ -269,11 +274,9 @@ class SharedCache:
 
     def data_key(self, key: bytes) -> bytes:
         """``<prefix>{<name>/<qtype>/<qclass>}``: the braces are Redis Cluster's hash tag, so
-        the value and its lease (:meth:`lease_key`) hash to one slot and one pipeline."""
+        the value, its lease and its wait mark (the suffixes of :mod:`~sidecar.fleet.scripts`)
+        hash to one slot, as a script's keys must."""
         return _data_key(self._prefix, key)
-
-    def lease_key(self, key: bytes) -> bytes:
-        return self.data_key(key) + scripts.LEASE_SUFFIX
 
     # ------------------------------------------------------------------ SecondLevel
 
@@ -580,6 +583,8 @@ class SharedCache:
         fut: asyncio.Future[Any] = loop.create_future()
         now = loop.time()
         early = self._early.pop(data_key, None)
+        if early is not None:
+            self._early_bytes -= len(early[1])
         if early is not None and now - early[0] < self.lease_ttl:
             self.notices_used += 1
             fut.set_result(early[1])
@@ -617,15 +622,19 @@ class SharedCache:
 
     def _keep_early(self, data_key: bytes, value: bytes) -> None:
         # Most notices are for keys nobody here waits for (other sidecars' waits): kept for
-        # one lease at most, and no more of them than waiters may be.
+        # one lease at most, within the count and byte bounds, oldest out first (the dict
+        # is in arrival order).
         now = asyncio.get_running_loop().time()
         early = self._early
-        if len(early) >= self.max_reads:
-            for k in [k for k, (t, _v) in early.items() if now - t >= self.lease_ttl]:
-                del early[k]
-            if len(early) >= self.max_reads:
-                del early[next(iter(early))]
+        old = early.pop(data_key, None)
+        if old is not None:
+            self._early_bytes -= len(old[1])
         early[data_key] = (now, value)
+        self._early_bytes += len(value)
+        while (len(early) > self.max_reads or self._early_bytes > EARLY_BYTES
+               or now - next(iter(early.values()))[0] >= self.lease_ttl):
+            _t, gone = early.pop(next(iter(early)))
+            self._early_bytes -= len(gone)
 
     def _notices_up(self) -> None:
         """The subscription is (back) up: what was published while it was down comes from
