@@ -442,8 +442,10 @@ def scenario(kind: str, rnd: int, hosts: list[str], a: argparse.Namespace, proxy
         p0 = peers.proxy_counts(proxy)["total"]
         c0 = _redis_commands(redis)
         cpu0 = [common.cpu_seconds(p.pid) for p in procs]
+        r0 = common.cpu_seconds(redis.proc.pid, tree=False)
         results, busy = run_crawlers(idx, hosts_file, a.limit, common.LOAD_CPU)
         cpu1 = [common.cpu_seconds(p.pid) for p in procs]
+        r1 = common.cpu_seconds(redis.proc.pid, tree=False)
         p1 = peers.proxy_counts(proxy)["total"]
         s1 = [stats(HTTP_PORTS[i]) for i in idx]
         c1 = _redis_commands(redis)
@@ -483,6 +485,7 @@ def scenario(kind: str, rnd: int, hosts: list[str], a: argparse.Namespace, proxy
     # the sidecars used of it
     out["sidecar_cpu_s"] = [round(y - x, 3) for x, y in zip(cpu0, cpu1, strict=True)]
     out["cpu_busy_during"] = busy
+    out["redis_cpu_s"] = round(r1 - r0, 3)
     out["local_cache"] = {k: sum(y["cache"].get(k, 0) - x["cache"].get(k, 0)
                                  for x, y in zip(s0, s1, strict=True))
                           for k in ("hits", "misses", "coalesced")}
@@ -506,7 +509,8 @@ def _log_scenario(r: dict) -> None:
            f"{r['upstream_queries_per_sidecar']} (proxy {r['upstream_queries_at_proxy']}), "
            f"p50 {al['ttfb_p50_ms']} p99 {al['ttfb_p99_ms']} max {al['ttfb_max_ms']} ms, "
            f"errors {al['errors']}, skew {r['start_skew_ms']} ms")
-    msg += f", sidecar CPU {r['sidecar_cpu_s']} s, busy {r['cpu_busy_during']}"
+    msg += (f", sidecar CPU {r['sidecar_cpu_s']} s, redis CPU {r['redis_cpu_s']} s, "
+            f"busy {r['cpu_busy_during']}")
     if "shared_cache" in r:
         sh = r["shared_cache"]
         msg += (f"; shared hits {sh['hits']} misses {sh['misses']} busy {sh['busy']} "
@@ -553,8 +557,9 @@ def inner(a: argparse.Namespace) -> dict:
                                 cpu=cpu, cwd=str(common.REPO_DIR))
         netns.wait_http(http, zone.CRAWL_IPS[-1], HTTP_PORT)
         redis = RedisServer().start()
-        if common.taskset_prefix(cpu):
-            subprocess.run(["taskset", "-p", "-c", str(cpu), str(redis.proc.pid)],
+        redis_cpu = cpu if a.redis_cpu is None else a.redis_cpu
+        if common.taskset_prefix(redis_cpu):
+            subprocess.run(["taskset", "-p", "-c", str(redis_cpu), str(redis.proc.pid)],
                            capture_output=True, check=False)
         out["redis_version"] = redis.cli("info", "server").split("redis_version:")[1].split()[0]
         workdir = common.tmpdir("fleet-burst-")
@@ -604,6 +609,8 @@ def run(a: argparse.Namespace) -> dict:
         args.append("--single-shared")
     for k in a.only:
         args += ["--only", k]
+    if a.redis_cpu is not None:
+        args += ["--redis-cpu", str(a.redis_cpu)]
     env = dict(os.environ, BENCH_BASE_PORT=str(peers.BASE_PORT))
     # the inner run stops itself at --deadline; the margin covers one scenario in progress
     res = netns.run_inner("dnsfleet", "bench.fleet_burst", args,
@@ -686,6 +693,9 @@ def main() -> None:
     ap.add_argument("--single-shared", action="store_true",
                     help="also run one sidecar with the shared cache behind one crawler: what "
                          "the shared path costs a cold burst without the fleet's CPU on its core")
+    ap.add_argument("--redis-cpu", type=int, default=None,
+                    help="pin redis-server to this CPU instead of the servers' (a fleet's "
+                         "redis runs on another host: 0 moves its work off the sidecar's core)")
     ap.add_argument("--only", action="append", default=[], metavar="SCENARIO",
                     help="run only this scenario (repeatable), e.g. --only shared-200ms")
     ap.add_argument("--http-server", choices=("nginx", "aiohttp"), default=None,

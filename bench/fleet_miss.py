@@ -8,7 +8,8 @@ measurement without the shared cache, for the difference on the same machine and
 
     python -m bench.fleet_miss [--burst 250] [--rounds 3] [--no-shared]
 
-Per round: sequential p50/p90 latency, burst CPU per miss (process and main thread), and
+Per round: sequential p50/p90 latency and CPU per miss (this process's: the client's
+share is the same with and without), burst CPU per miss (process and main thread), and
 the redis commands and the shared cache's batch counters (cumulative: lookup batches,
 write batches, polls), so the round trips of a burst are a count, not a time.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
+import time
 from typing import Any
 
 from bench import common
@@ -59,14 +61,17 @@ async def measure(port: int, burst: int, rounds: int, srv: RedisServer | None,
         # set-up (and the deadlines it may blow) is not a miss's steady cost.
         await burst_cost(s, f"w.{tag}", burst, lambda: _settle(sc))
         for rnd in range(rounds):
+            c0 = time.process_time()
             lat = await sequential(s, f"r{rnd}.{tag}")
-            await _settle(sc)
+            await _settle(sc)  # the background writes are part of a miss's cost
+            seq_cpu = (time.process_time() - c0) / len(lat)
             cmds0 = _commands(srv) if srv is not None else {}
             # the background writes are part of a miss's cost
             wall, cpu, main_cpu = await burst_cost(s, f"r{rnd}.{tag}", burst,
                                                    lambda: _settle(sc))
             row: dict[str, Any] = {
                 "seq_p50_us": lat[150] * 1e6, "seq_p90_us": lat[270] * 1e6,
+                "seq_cpu_per_miss_us": seq_cpu * 1e6,
                 "burst_ms": wall * 1e3, "cpu_per_miss_us": cpu / burst * 1e6,
                 "main_cpu_per_miss_us": main_cpu / burst * 1e6}
             if srv is not None:
@@ -76,7 +81,7 @@ async def measure(port: int, burst: int, rounds: int, srv: RedisServer | None,
                                                     "errors", "batches")}
             results.append(row)
             print(f"round {rnd}: sequential p50 {row['seq_p50_us']:.0f} us, p90 "
-                  f"{row['seq_p90_us']:.0f} us; burst of {burst}: {row['burst_ms']:.0f} ms, "
+                  f"{row['seq_p90_us']:.0f} us, CPU/miss {row['seq_cpu_per_miss_us']:.0f} us; burst of {burst}: {row['burst_ms']:.0f} ms, "
                   f"CPU/miss {row['cpu_per_miss_us']:.0f} us (main thread "
                   f"{row['main_cpu_per_miss_us']:.0f}) {row.get('redis_calls', '')} "
                   f"{row.get('shared', '')}", flush=True)

@@ -24,30 +24,18 @@ pytestmark = pytest.mark.skipif(available() is not None, reason=str(available())
 
 
 class RoundTrips:
-    """Counts what ``shared`` sends: each pipeline executed and each plain command is one
-    round trip (a pipeline is one write and one read on its connection)."""
+    """Counts what ``shared`` sends: each ``_send`` is one round trip (its commands leave
+    together on one connection)."""
 
     def __init__(self, shared: SharedCache) -> None:
         self.trips = 0
-        client: Any = shared._client
-        pipeline, mget = client.pipeline, client.mget
+        send = shared._send
 
-        def counted_pipeline(*args: Any, **kwargs: Any) -> Any:
-            pipe = pipeline(*args, **kwargs)
-            execute = pipe.execute
-
-            async def counted_execute(*a: Any, **kw: Any) -> Any:
-                self.trips += 1
-                return await execute(*a, **kw)
-
-            pipe.execute = counted_execute
-            return pipe
-
-        async def counted_mget(*args: Any, **kwargs: Any) -> Any:
+        async def counted(commands: list[tuple[Any, ...]]) -> list[Any]:
             self.trips += 1
-            return await mget(*args, **kwargs)
+            return await send(commands)
 
-        client.pipeline, client.mget = counted_pipeline, counted_mget
+        shared._send = counted  # type: ignore[method-assign]
 
 
 def commands(srv: RedisServer) -> dict[str, int]:
@@ -222,5 +210,33 @@ async def test_a_reply_in_time_that_a_busy_loop_reads_late_is_no_failure(redis_s
         st = sc.stats()
         assert st["errors"]["timeout"] == 0 and st["state"] == "closed", st
         assert st["leases"]["won"] == 1
+    finally:
+        await sc.close()
+
+
+async def test_a_call_that_timed_out_leaves_no_reply_for_the_next_one(redis_server):  # noqa: F811
+    """A batch whose deadline passes mid-read is cancelled; its reply still comes. The lane
+    (its own connection) must not hand that reply to the next batch: keys would get each
+    other's values (refused by the codec's key check, i.e. counted corrupt, at best)."""
+    sc = SharedCache(redis_server.url, deadline=0.05)
+    try:
+        await sc.start()
+        a, b = keys(2, "lane")
+        now = sc.clock()
+        sc.put(a, entry(now))
+        sc.put(b, entry(now))
+        await sc.flush(5.0)
+        assert sc.stats()["writes"] == 2
+        redis_server.cli("client", "pause", "400", "all")  # replies held for 400 ms
+        try:
+            assert await sc.lookup(a, lambda: 0.05) is None
+            assert sc.stats()["errors"]["timeout"] == 1
+        finally:
+            redis_server.cli("client", "unpause")
+        await until(lambda: sc.breaker.state == "closed")
+        got = await sc.lookup(b, lambda: 0.05)
+        st = sc.stats()
+        assert got is not None and st["hits"] == 1, st
+        assert st["errors"]["corrupt"] == 0 and st["rejected"]["key"] == 0, st
     finally:
         await sc.close()

@@ -53,6 +53,7 @@ from sidecar.dns.wire import key_type, qname_text
 from sidecar.fleet import codec, scripts
 from sidecar.fleet.batch import Batcher
 from sidecar.fleet.breaker import Breaker
+from sidecar.fleet.lanes import Lanes
 from sidecar.fleet.notify import Notices
 from sidecar.upstream.latency import LatencyTracker
 
@@ -90,11 +91,13 @@ WRITE_BATCHES: Final = 2
 #: for them, so they must not queue behind other writes (another waiter's own answer to the
 #: same name, a prefetch), which nobody waits for.
 HELD_WRITE_BATCHES: Final = 1
-#: Connections to one server for commands, all opened by ``start()``: one per batch that
-#: may be in flight (lookups, writes, the poll) and one for the probe. A batch that cannot
-#: get one within its deadline is our congestion, not the server's failure: ``busy``,
-#: breaker left alone.
-POOL_SIZE: Final = READ_BATCHES + WRITE_BATCHES + HELD_WRITE_BATCHES + 2
+#: Connections to one server for batches, all opened by ``start()``: one per batch that may
+#: be in flight (lookups, writes, the poll). A batch that cannot get one within its
+#: deadline is our congestion, not the server's failure: ``busy``, breaker left alone.
+#: On a single server these are :class:`~sidecar.fleet.lanes.Lanes`.
+WIRES: Final = READ_BATCHES + WRITE_BATCHES + HELD_WRITE_BATCHES + 1
+#: Plus the client's own pool: the probe, script loads, and on a cluster the batches too.
+POOL_SIZE: Final = WIRES + 1
 #: Plus the subscription to the notices, held from start to close.
 SUBSCRIPTIONS: Final = 1
 #: Lifetime of a lease: how long the fleet defers to a sidecar resolving a name. Longer
@@ -215,7 +218,11 @@ class SharedCache:
         self.poll_interval = poll_interval
         self.backstop_ticks = backstop_ticks
         self._client = connect(url, self.write_deadline, 2 * POOL_SIZE,
-                               POOL_SIZE + SUBSCRIPTIONS)
+                               (POOL_SIZE if self.cluster else POOL_SIZE - WIRES)
+                               + SUBSCRIPTIONS)
+        #: A single server's batches go over connections of their own (one command each).
+        self._lanes = (None if isinstance(self._client, RedisCluster)
+                       else Lanes(self._client.connection_pool, WIRES))
         self.breaker = Breaker(self._probe)
         self.channel = self._prefix + scripts.CHANNEL_SUFFIX
         # redis-py's asyncio cluster client has pubsub() from 8.0 on; before, a cluster's
@@ -223,7 +230,7 @@ class SharedCache:
         self.notices = Notices(getattr(self._client, "pubsub", None), self.channel,
                                self._notice, self._notices_up, deadline=self.write_deadline)
         self._token = os.urandom(8).hex()
-        self._wire = asyncio.Semaphore(POOL_SIZE)
+        self._wire = asyncio.Semaphore(WIRES)
         self._lookups: Batcher[_Read] = Batcher(self._lookup_batch, max_batch=max_batch,
                                                 parallel=READ_BATCHES)
         self._writes: Batcher[_Write] = Batcher(self._write_batch, max_batch=max_batch,
@@ -446,6 +453,8 @@ class SharedCache:
                 _settle(w.fut, _FAILED)
         self._waiters = {}
         self._nwaiters = 0
+        if self._lanes is not None:
+            await self._lanes.close()
         await self._client.aclose()
 
     def stats(self) -> dict[str, Any]:
@@ -510,30 +519,37 @@ class SharedCache:
 
     async def _get_and_lease(self, keys: list[bytes]) -> list[tuple[bytes | None, bool]]:
         # A single server: one script for the batch. A cluster: one per key (a script's keys
-        # must share a slot), in a pipeline (not a transaction) that redis-py routes by slot
-        # and sends to every node at once.
-        def build(pipe: Any) -> None:
-            for group in ([keys] if not self.cluster else [[k] for k in keys]):
-                args = [x for k in group
-                        for x in (k, k + scripts.LEASE_SUFFIX, k + scripts.WAIT_SUFFIX)]
-                pipe.execute_command("EVALSHA", scripts.LOOKUP_SHA, len(args), *args,
-                                     self._token, self.lease_ms)
-        flat = [x for reply in await self._scripted(build) for x in reply]
+        # must share a slot).
+        commands = []
+        for group in ([keys] if not self.cluster else [[k] for k in keys]):
+            args = [x for k in group
+                    for x in (k, k + scripts.LEASE_SUFFIX, k + scripts.WAIT_SUFFIX)]
+            commands.append(("EVALSHA", scripts.LOOKUP_SHA, len(args), *args,
+                             self._token, self.lease_ms))
+        flat = [x for reply in await self._scripted(commands) for x in reply]
         return [(flat[i], bool(flat[i + 1])) for i in range(0, len(flat), 2)]
 
-    async def _scripted(self, build: Callable[[Any], None]) -> list[Any]:
-        """The replies of a pipeline of scripts by SHA; a server that lost them (restart,
-        SCRIPT FLUSH, a new cluster node) gets them loaded and the pipeline once more. Both
-        scripts may run twice: a lookup finds its own lease, a write publishes to nobody."""
-        pipe = self._client.pipeline(transaction=False)
-        build(pipe)
+    async def _scripted(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """The replies of ``commands`` (scripts by SHA); a server that lost the scripts
+        (restart, SCRIPT FLUSH, a new cluster node) gets them loaded and the commands once
+        more. Both scripts may run twice: a lookup finds its own lease, a write publishes
+        to nobody."""
         try:
-            return list(await pipe.execute())
+            return await self._send(commands)
         except NoScriptError:
             self.script_loads += 1
             await self._load_scripts()
+        return await self._send(commands)
+
+    async def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """The replies of ``commands``: on a single server over a lane of our own, on a
+        cluster as a pipeline (not a transaction) that redis-py routes by slot and sends to
+        every node at once."""
+        if self._lanes is not None:
+            return await self._lanes.call(commands)
         pipe = self._client.pipeline(transaction=False)
-        build(pipe)
+        for c in commands:
+            pipe.execute_command(*c)
         return list(await pipe.execute())
 
     async def _load_scripts(self) -> None:
@@ -553,14 +569,13 @@ class SharedCache:
                 self.write_drops += len(batch)
                 return
             try:
-                def build(pipe: Any) -> None:
-                    for group in [batch] if not self.cluster else [[w] for w in batch]:
-                        ks = [x for k, _v, _px, _q in group
-                              for x in (k, k + scripts.WAIT_SUFFIX)]
-                        argv = [x for _k, v, px, _q in group for x in (v, px)]
-                        pipe.execute_command("EVALSHA", scripts.WRITE_SHA, len(ks), *ks,
-                                             self.channel, *argv)
-                published = await self._timed(self._scripted(build), self.write_deadline)
+                commands = []
+                for group in [batch] if not self.cluster else [[w] for w in batch]:
+                    ks = [x for k, _v, _px, _q in group for x in (k, k + scripts.WAIT_SUFFIX)]
+                    argv = [x for _k, v, px, _q in group for x in (v, px)]
+                    commands.append(("EVALSHA", scripts.WRITE_SHA, len(ks), *ks,
+                                     self.channel, *argv))
+                published = await self._timed(self._scripted(commands), self.write_deadline)
                 if published is not _FAILED:
                     self.writes += len(batch)
                     self.notices_sent += sum(published)
@@ -718,12 +733,10 @@ class SharedCache:
             return _FAILED
         self.polls += 1
         try:
-            if self.cluster:
-                pipe = self._client.pipeline(transaction=False)
-                for k in keys:
-                    pipe.get(k)
-                return await self._timed(pipe.execute(), self.deadline)
-            return await self._timed(self._client.mget(keys), self.deadline)
+            if self.cluster:  # MGET's keys must share a slot
+                return await self._timed(self._send([("GET", k) for k in keys]), self.deadline)
+            got = await self._timed(self._send([("MGET", *keys)]), self.deadline)
+            return got if got is _FAILED else got[0]
         finally:
             self._wire.release()
 
@@ -755,8 +768,12 @@ class SharedCache:
         # Concurrent PINGs: each takes a connection of its own, so the pool is full after
         # (on a cluster, every node's: a lookup batch goes to all of them at once, and a
         # connection opened inside its deadline could cost the deadline).
-        kw: dict[str, Any] = {"target_nodes": RedisCluster.ALL_NODES} if self.cluster else {}
-        await asyncio.gather(*(self._client.ping(**kw) for _ in range(POOL_SIZE)))
+        if self._lanes is not None:
+            await self._lanes.open()
+            await self._client.ping()
+        else:
+            await asyncio.gather(*(self._client.ping(target_nodes=RedisCluster.ALL_NODES)
+                                   for _ in range(POOL_SIZE)))
         await self._load_scripts()
 
     async def _probe(self) -> bool:
@@ -768,11 +785,12 @@ class SharedCache:
         breaker (a probe's failure only keeps it open)."""
         loop = asyncio.get_running_loop()
         start = loop.time()
-        expiry = None
+        expiry = timer = None
         try:
             async with asyncio.timeout(None) as cm:
                 expiry = _Expiry(cm, GRACE_TURNS)
-                loop.call_at(start + deadline, expiry.fire)
+                # cancelled when done: a timer left behind wakes an idle loop once per call
+                timer = loop.call_at(start + deadline, expiry.fire)
                 result = await call
         except (TimeoutError, RedisTimeoutError):
             kind = "timeout"
@@ -787,6 +805,8 @@ class SharedCache:
         finally:
             if expiry is not None:
                 expiry.active = False
+            if timer is not None:
+                timer.cancel()
         if not probe:
             self.errors[kind] += 1
             self.breaker.failure(kind)
