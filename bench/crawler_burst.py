@@ -36,7 +36,9 @@ import collections
 import contextlib
 import os
 import shutil
+import subprocess
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from . import common, netns, peers, zone
@@ -215,6 +217,69 @@ def _cpu_by_role(sidecar, proxy, http, nsd) -> dict[str, float]:
             "nsd": nsd.cpu()}
 
 
+def start_upstream_and_web(nsd_port: int, delay_ms: float, http_server: str,
+                           cpu: int | None) -> tuple[peers.Server, subprocess.Popen]:
+    """The delay proxy in front of nsd on ``UPSTREAM_PORT`` and the crawl's web servers on
+    ``zone.CRAWL_IPS``:``HTTP_PORT``, answering (both stopped again if either fails)."""
+    proxy = peers.start_proxy(nsd_port, delay_ms=delay_ms, port=UPSTREAM_PORT, cpu=cpu)
+    http = None
+    try:
+        if http_server == "nginx":
+            http = start_nginx(zone.CRAWL_IPS, HTTP_PORT, cpu)
+        else:
+            http = common.spawn([common.python_exe(), "-m", "bench.crawler_burst", "--serve-http"],
+                                cpu=cpu, cwd=str(common.REPO_DIR))
+        netns.wait_http(http, zone.CRAWL_IPS[-1], HTTP_PORT)
+    except BaseException:
+        common.stop(http)
+        proxy.stop()
+        raise
+    return proxy, http
+
+
+def alternating_rounds(kinds: Sequence[str], rounds: int, hosts: int, until: float,
+                       budget: float, bench: str, skipped: list[dict],
+                       label: str = "scenario") -> Iterator[tuple[int, str, list[str]]]:
+    """``(round, kind, hosts)`` for every kind of every round, ``hosts`` fresh names each
+    time, the kinds in reverse order every other round (the first of a round does not
+    always meet the same background). A kind that could not end by ``until`` (monotonic
+    time; ``budget`` seconds each) is skipped, logged and added to ``skipped``."""
+    next_name = 0
+    for rnd in range(rounds):
+        for kind in kinds if rnd % 2 == 0 else list(reversed(kinds)):
+            if time.monotonic() + budget > until:
+                skipped.append({"round": rnd, label: kind, "why": "deadline"})
+                common.log(f"{bench} round {rnd} {kind}: skipped (deadline)")
+                continue
+            names = zone.crawl_names(hosts, next_name)
+            next_name += hosts
+            yield rnd, kind, names
+
+
+def burst_args(description: str | None, rounds: int, kinds: str,
+               deadline: bool = True) -> argparse.ArgumentParser:
+    """The command line every namespace burst takes: rounds, hosts per burst, the upstream
+    delay, the crawler's connection limit, the whole run's deadline (``kinds`` names what
+    it skips), the web servers, and the hidden ``--inner``."""
+    ap = argparse.ArgumentParser(description=description,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--hosts", type=int, default=500, help="hosts per burst (default 500)")
+    ap.add_argument("--delay-ms", type=float, default=50.0,
+                    help="added to every upstream query by the delay proxy (default 50)")
+    ap.add_argument("--limit", type=int, default=500,
+                    help="TCPConnector limit of each crawler (default 500)")
+    if deadline:
+        ap.add_argument("--deadline", type=float, default=900.0,
+                        help=f"seconds for the whole run; {kinds} that would not finish by "
+                             "then are skipped (default 900)")
+    ap.add_argument("--http-server", choices=("nginx", "aiohttp"), default=None,
+                    help="the emulated web servers: nginx (default when installed) or "
+                         "aiohttp.web (Python, ~4x the CPU on the sidecar's core)")
+    ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    return ap
+
+
 def inner(a: argparse.Namespace) -> dict:
     """Runs inside the namespace: start everything, run the scenarios in alternating rounds."""
     if common.have_cpus() > 1:
@@ -222,28 +287,15 @@ def inner(a: argparse.Namespace) -> dict:
     cpu = common.SERVER_CPU
     n_names = a.rounds * len(SCENARIOS) * a.hosts + a.hosts
     nsd = peers.start_nsd(names=10, crawl=n_names, port=5300, cpu=cpu)
-    proxy = peers.start_proxy(nsd.port, delay_ms=a.delay_ms, port=UPSTREAM_PORT, cpu=cpu)
-    if a.http_server == "nginx":
-        http = start_nginx(zone.CRAWL_IPS, HTTP_PORT, cpu)
-    else:
-        http = common.spawn([common.python_exe(), "-m", "bench.crawler_burst", "--serve-http"],
-                            cpu=cpu, cwd=str(common.REPO_DIR))
+    try:
+        proxy, http = start_upstream_and_web(nsd.port, a.delay_ms, a.http_server, cpu)
+    except BaseException:
+        nsd.stop()
+        raise
     sidecar = None
     out: dict = {"config": {k: v for k, v in vars(a).items() if k not in ("inner", "serve_http")},
                  "scenarios": {s: [] for s in SCENARIOS}, "samples": {}}
     try:
-        import socket
-
-        end = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection((zone.CRAWL_IPS[-1], HTTP_PORT), timeout=0.5).close()
-                break
-            except OSError:
-                if http.poll() is not None or time.monotonic() > end:
-                    raise RuntimeError(f"the {a.http_server} web servers did not start "
-                                       f"(exit code {http.poll()})") from None
-                time.sleep(0.1)
         have_sidecar = peers.sidecar_available()
         if have_sidecar:
             sidecar = peers.start_sidecar(UPSTREAM_PORT, uvloop=True, port=SIDECAR_PORT, http=True,
@@ -298,8 +350,8 @@ def inner(a: argparse.Namespace) -> dict:
 def run(rounds: int = 3, hosts: int = 500, delay_ms: float = 50.0, limit: int = 500,
         timeline: bool = False, http_server: str | None = None) -> dict:
     """Create the namespace, run `inner` in it, delete it."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        return {"missing": "needs root and iproute2 (ip netns)"}
+    if (why := netns.missing()) is not None:
+        return {"missing": why}
     env = dict(os.environ, BENCH_BASE_PORT=str(peers.BASE_PORT))
     res = netns.run_inner("dnsbench", "bench.crawler_burst", [
         "--rounds", str(rounds), "--hosts", str(hosts), "--delay-ms", str(delay_ms),
@@ -337,20 +389,12 @@ def default_http_server() -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--hosts", type=int, default=500)
-    ap.add_argument("--delay-ms", type=float, default=50.0)
-    ap.add_argument("--limit", type=int, default=500, help="TCPConnector limit, same for A, B and C")
+    ap = burst_args(__doc__, 3, "scenarios", deadline=False)
     ap.add_argument("--timeline", action="store_true",
                     help="trace every request (aiohttp TraceConfig): when its DNS lookup "
                          "started and ended and when it connected; percentiles per scenario. "
                          "The tracing costs the crawler CPU, so results go to "
                          "crawler_burst_timeline.json, not the published file")
-    ap.add_argument("--http-server", choices=("nginx", "aiohttp"), default=None,
-                    help="the emulated web servers: nginx (default when installed) or "
-                         "aiohttp.web (Python, ~4x the CPU on the sidecar's core)")
-    ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--serve-http", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.serve_http:

@@ -41,12 +41,15 @@ A burst of N hosts asks A and AAAA per host: one cold sidecar sends 2N upstream 
 alone 6N; the shared cache's ideal is 2N for the whole fleet.
 
     python -m bench.fleet_burst [--rounds 2] [--hosts 500] [--delay-ms 50] [--deadline 900]
-                                [--shared-timeout-variant 200]
+                                [--shared-timeout-variant 200] [--single-shared]
+                                [--only SCENARIO] [--limit 500] [--redis-cpu 0]
 
 Counts (upstream queries, redis commands, shared-cache counters) do not depend on the
 machine's load; times do (on a shared 2-core host they are ranges, not constants). Crawlers
 and the hit-latency client are pinned to CPU 0, every server (sidecars, redis, nginx, proxy,
-nsd) to CPU 1: three sidecars share one core, which a real fleet does not.
+nsd) to CPU 1: three sidecars share one core, which a real fleet does not. `--redis-cpu 0`
+moves redis-server to the crawlers' core (a fleet's redis runs elsewhere); its CPU seconds
+during each burst are recorded as `redis_cpu_s` either way.
 
 Bounded: every crawl has a 30 s client timeout, every process start a deadline, the whole run
 `--deadline` seconds (scenarios not started by then are skipped). Every process is stopped and
@@ -61,7 +64,6 @@ import contextlib
 import json
 import os
 import select
-import shutil
 import socket
 import subprocess
 import sys
@@ -71,7 +73,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import common, crawler_burst, netns, peers, zone
+from . import common, crawler_burst, netns, peers
 from .crawler_burst import HTTP_PORT, UPSTREAM_PORT
 
 if TYPE_CHECKING:
@@ -549,13 +551,8 @@ def inner(a: argparse.Namespace) -> dict:
                             if k not in ("inner", "crawler", "dns_port", "api_port", "hosts_file")},
                  "runs": {k: [] for k in kinds}, "samples": {}, "skipped": []}
     try:
-        proxy = peers.start_proxy(nsd.port, delay_ms=a.delay_ms, port=UPSTREAM_PORT, cpu=cpu)
-        if a.http_server == "nginx":
-            http = crawler_burst.start_nginx(zone.CRAWL_IPS, HTTP_PORT, cpu)
-        else:
-            http = common.spawn([common.python_exe(), "-m", "bench.crawler_burst", "--serve-http"],
-                                cpu=cpu, cwd=str(common.REPO_DIR))
-        netns.wait_http(http, zone.CRAWL_IPS[-1], HTTP_PORT)
+        proxy, http = crawler_burst.start_upstream_and_web(nsd.port, a.delay_ms, a.http_server,
+                                                           cpu)
         redis = RedisServer().start()
         redis_cpu = cpu if a.redis_cpu is None else a.redis_cpu
         if common.taskset_prefix(redis_cpu):
@@ -563,23 +560,15 @@ def inner(a: argparse.Namespace) -> dict:
                            capture_output=True, check=False)
         out["redis_version"] = redis.cli("info", "server").split("redis_version:")[1].split()[0]
         workdir = common.tmpdir("fleet-burst-")
-        next_name = 0
-        for rnd in range(a.rounds):
-            order = kinds if rnd % 2 == 0 else list(reversed(kinds))
-            for kind in order:
-                if time.monotonic() + SCENARIO_BUDGET_S > t_end:
-                    out["skipped"].append({"round": rnd, "scenario": kind, "why": "deadline"})
-                    common.log(f"fleet_burst round {rnd} {kind}: skipped (deadline)")
-                    continue
-                hosts = zone.crawl_names(a.hosts, next_name)
-                next_name += a.hosts
-                r = scenario(kind, rnd, hosts, a, proxy, redis, workdir, cpu)
-                ttfb = r.pop("_ttfb")
-                if rnd == 0:
-                    out["samples"][kind] = [round(x * 1e3, 2) for x in sorted(ttfb)]
-                out["runs"][kind].append(r)
-                _log_scenario(r)
-                time.sleep(0.2)
+        for rnd, kind, hosts in crawler_burst.alternating_rounds(
+                kinds, a.rounds, a.hosts, t_end, SCENARIO_BUDGET_S, "fleet_burst", out["skipped"]):
+            r = scenario(kind, rnd, hosts, a, proxy, redis, workdir, cpu)
+            ttfb = r.pop("_ttfb")
+            if rnd == 0:
+                out["samples"][kind] = [round(x * 1e3, 2) for x in sorted(ttfb)]
+            out["runs"][kind].append(r)
+            _log_scenario(r)
+            time.sleep(0.2)
     finally:
         if redis is not None:
             redis.cleanup()
@@ -594,11 +583,7 @@ def run(a: argparse.Namespace) -> dict:
     """Create the namespace, run `inner` in it, delete it (also on error)."""
     from sidecar.testing import redisserver
 
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        return {"missing": "needs root and iproute2 (ip netns)"}
-    if shutil.which("nsd") is None:
-        return {"missing": "nsd not installed (bench/setup.sh)"}
-    if (why := redisserver.available()) is not None:
+    if (why := netns.missing() or redisserver.available()) is not None:
         return {"missing": why}
     args = ["--rounds", str(a.rounds), "--hosts", str(a.hosts), "--delay-ms", str(a.delay_ms),
             "--limit", str(a.limit), "--deadline", str(a.deadline),
@@ -675,17 +660,7 @@ def summarize(runs: dict) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--hosts", type=int, default=500, help="hosts per burst (default 500)")
-    ap.add_argument("--delay-ms", type=float, default=50.0,
-                    help="added to every upstream query by the delay proxy (default 50)")
-    ap.add_argument("--limit", type=int, default=500,
-                    help="TCPConnector limit of each crawler (default 500)")
-    ap.add_argument("--deadline", type=float, default=900.0,
-                    help="seconds for the whole run; scenarios that would not finish by then "
-                         "are skipped (default 900)")
+    ap = crawler_burst.burst_args(__doc__, 2, "scenarios")
     ap.add_argument("--shared-timeout-variant", type=float, action="append", default=[],
                     metavar="MS", help="also run the shared scenario with the sidecars' "
                     "--shared-cache-timeout MS (repeatable; the default scenario uses the "
@@ -698,9 +673,6 @@ def main() -> None:
                          "redis runs on another host: 0 moves its work off the sidecar's core)")
     ap.add_argument("--only", action="append", default=[], metavar="SCENARIO",
                     help="run only this scenario (repeatable), e.g. --only shared-200ms")
-    ap.add_argument("--http-server", choices=("nginx", "aiohttp"), default=None,
-                    help="the emulated web servers: nginx (default when installed) or aiohttp.web")
-    ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--crawler", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--dns-port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--api-port", type=int, help=argparse.SUPPRESS)

@@ -51,6 +51,16 @@ def namespace(prefix: str) -> Iterator[str]:
             Path("/etc/netns").rmdir()  # only when empty
 
 
+def missing() -> str | None:
+    """Why the benchmarks in a namespace of their own (with nsd as the upstream) cannot run
+    here; None when they can."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return "needs root and iproute2 (ip netns)"
+    if shutil.which("nsd") is None:
+        return "nsd not installed (bench/setup.sh)"
+    return None
+
+
 def wait_http(http: subprocess.Popen, host: str, port: int, deadline_s: float = 20.0) -> None:
     """Return once ``host:port`` accepts a connection; raise when ``http`` exited or after
     ``deadline_s`` seconds."""

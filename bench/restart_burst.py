@@ -36,7 +36,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -44,8 +43,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from . import common, crawler_burst, netns, peers, zone
-from .crawler_burst import HTTP_PORT, SIDECAR_HTTP, SIDECAR_PORT, UPSTREAM_PORT
+from . import common, crawler_burst, netns, peers
+from .crawler_burst import SIDECAR_HTTP, SIDECAR_PORT, UPSTREAM_PORT
 
 VARIANTS = ("warm", "cold")
 STOP_DEADLINE_S = 30.0
@@ -187,38 +186,26 @@ def inner(a: argparse.Namespace) -> dict:
     out: dict = {"config": {k: v for k, v in vars(a).items() if k != "inner"},
                  "runs": {v: [] for v in VARIANTS}, "samples": {}, "skipped": []}
     try:
-        proxy = peers.start_proxy(nsd.port, delay_ms=a.delay_ms, port=UPSTREAM_PORT, cpu=cpu)
-        if a.http_server == "nginx":
-            http = crawler_burst.start_nginx(zone.CRAWL_IPS, HTTP_PORT, cpu)
-        else:
-            http = common.spawn([common.python_exe(), "-m", "bench.crawler_burst", "--serve-http"],
-                                cpu=cpu, cwd=str(common.REPO_DIR))
-        netns.wait_http(http, zone.CRAWL_IPS[-1], HTTP_PORT)
+        proxy, http = crawler_burst.start_upstream_and_web(nsd.port, a.delay_ms, a.http_server,
+                                                           cpu)
         workdir = common.tmpdir("restart-burst-")
-        next_name = 0
-        for rnd in range(a.rounds):
-            order = VARIANTS if rnd % 2 == 0 else tuple(reversed(VARIANTS))
-            for kind in order:
-                if time.monotonic() + VARIANT_BUDGET_S > t_end:
-                    out["skipped"].append({"round": rnd, "variant": kind, "why": "deadline"})
-                    common.log(f"restart_burst round {rnd} {kind}: skipped (deadline)")
-                    continue
-                hosts = zone.crawl_names(a.hosts, next_name)
-                next_name += a.hosts
-                r = variant(kind, hosts, a, proxy, workdir, cpu)
-                r["round"] = rnd
-                ttfb = r.pop("_ttfb")
-                if rnd == 0:
-                    out["samples"][kind] = [round(x * 1e3, 2) for x in sorted(ttfb)]
-                out["runs"][kind].append(r)
-                b = r["burst"]
-                common.log(
-                    f"restart_burst round {rnd} {kind}: ready {r['start_to_ready_s']:.3f} s, "
-                    f"loaded {r['entries_loaded']}, p50 {b['ttfb_p50_ms'] or 0:.1f} ms, "
-                    f"p99 {b['ttfb_p99_ms'] or 0:.1f} ms, wall {b['wall_s']:.2f} s, "
-                    f"errors {b['errors']} {b['error_classes']}, upstream {r['upstream_queries']} "
-                    f"(proxy {r['upstream_queries_at_proxy']}), old exit {r['stop']['exit_code']}")
-                time.sleep(0.2)
+        for rnd, kind, hosts in crawler_burst.alternating_rounds(
+                VARIANTS, a.rounds, a.hosts, t_end, VARIANT_BUDGET_S, "restart_burst",
+                out["skipped"], label="variant"):
+            r = variant(kind, hosts, a, proxy, workdir, cpu)
+            r["round"] = rnd
+            ttfb = r.pop("_ttfb")
+            if rnd == 0:
+                out["samples"][kind] = [round(x * 1e3, 2) for x in sorted(ttfb)]
+            out["runs"][kind].append(r)
+            b = r["burst"]
+            common.log(
+                f"restart_burst round {rnd} {kind}: ready {r['start_to_ready_s']:.3f} s, "
+                f"loaded {r['entries_loaded']}, p50 {b['ttfb_p50_ms'] or 0:.1f} ms, "
+                f"p99 {b['ttfb_p99_ms'] or 0:.1f} ms, wall {b['wall_s']:.2f} s, "
+                f"errors {b['errors']} {b['error_classes']}, upstream {r['upstream_queries']} "
+                f"(proxy {r['upstream_queries_at_proxy']}), old exit {r['stop']['exit_code']}")
+            time.sleep(0.2)
     finally:
         common.stop(http)
         if proxy is not None:
@@ -230,10 +217,8 @@ def inner(a: argparse.Namespace) -> dict:
 def run(rounds: int = 2, hosts: int = 500, delay_ms: float = 50.0, limit: int = 500,
         http_server: str | None = None, deadline: float = 900.0) -> dict:
     """Create the namespace, run `inner` in it, delete it (also on error)."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        return {"missing": "needs root and iproute2 (ip netns)"}
-    if shutil.which("nsd") is None:
-        return {"missing": "nsd not installed (bench/setup.sh)"}
+    if (why := netns.missing()) is not None:
+        return {"missing": why}
     env = dict(os.environ, BENCH_BASE_PORT=str(peers.BASE_PORT))
     # the inner run stops itself at --deadline; the margin covers one variant in progress
     res = netns.run_inner("dnsrestart", "bench.restart_burst", [
@@ -282,20 +267,7 @@ def summarize(runs: dict) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--hosts", type=int, default=500, help="hosts per burst (default 500)")
-    ap.add_argument("--delay-ms", type=float, default=50.0,
-                    help="added to every upstream query by the delay proxy (default 50)")
-    ap.add_argument("--limit", type=int, default=500, help="TCPConnector limit (default 500)")
-    ap.add_argument("--deadline", type=float, default=900.0,
-                    help="seconds for the whole run; variants that would not finish by then "
-                         "are skipped (default 900)")
-    ap.add_argument("--http-server", choices=("nginx", "aiohttp"), default=None,
-                    help="the emulated web servers: nginx (default when installed) or aiohttp.web")
-    ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    a = crawler_burst.burst_args(__doc__, 2, "variants").parse_args()
     common.install_signal_handlers()
     if a.inner:
         netns.report(inner(a))
