@@ -22,7 +22,7 @@ from sidecar.fleet import codec
 from sidecar.fleet.client import SharedCache
 from sidecar.server import DnsServer
 from sidecar.testing.fakeupstream import FakeUpstream
-from sidecar.testing.redisserver import RedisServer, available
+from sidecar.testing.redisserver import RedisServer, available, tls_available
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
 
@@ -123,6 +123,53 @@ async def test_a_name_resolved_by_one_is_answered_by_the_others_without_upstream
     # ... and the shared hit filled b's own cache: the next query is a local hit
     await b.ask("www.example.test")
     assert b.shared.stats()["hits"] == 1 and upstream.queries == 0
+
+
+@pytest.fixture
+def tls_server() -> Any:
+    if (why := tls_available()) is not None:
+        pytest.skip(why)
+    with RedisServer(tls=True) as srv:
+        yield srv
+
+
+async def test_sidecars_share_over_tls_and_refuse_a_server_they_cannot_verify(
+        fleet, upstream, tls_server):
+    """rediss:// as docs/fleet.md gives it (redis-py's ``ssl_ca_certs``), against a server
+    that speaks TLS only: every connection (the batches' lanes, the probe, the notices) is
+    TLS. Without the CA the certificate does not verify: no value is read or written, and
+    DNS answers all the same."""
+    a, b = await fleet(2, url=tls_server.url)
+    assert a.shared.stats()["url"].startswith("rediss://")
+    first = await a.ask("www.example.test")
+    assert addresses(first) == {"10.0.0.1", "10.0.0.2"}
+    await settle(a)
+    assert a.shared.stats()["writes"] == 1
+    upstream.reset_counts()
+    assert addresses(await b.ask("www.example.test")) == {"10.0.0.1", "10.0.0.2"}
+    assert upstream.queries == 0 and b.shared.stats()["hits"] == 1
+    key = a.shared.data_key(make_key("www.example.test", 1)).decode()
+    assert tls_server.cli("exists", key).strip() == "1"     # read back through TLS too
+
+    unverified = tls_server.url.partition("?")[0]          # no CA: a self-signed unknown
+    cfg = Config(listen=(HostPort("127.0.0.1", 0),), http=None,
+                 upstreams=(HostPort("127.0.0.1", upstream.port),), timeout=1.0, min_ttl=1)
+    server = DnsServer(cfg)
+    shared = SharedCache(unverified, deadline=DEADLINE, clock=server.cache.clock)
+    server.resolver.second = shared
+    await server.start()
+    await shared.start()
+    try:
+        node = Node(server, shared)
+        upstream.reset_counts()
+        assert addresses(await node.ask("www.example.test")) == {"10.0.0.1", "10.0.0.2"}
+        assert upstream.queries == 1                       # not the fleet's value
+        st = shared.stats()
+        assert st["hits"] == 0 and st["state"] != "closed", st
+        assert st["errors"]["connection"] + st["errors"]["server"] >= 1, st
+    finally:
+        await server.stop(drain=0.5)
+        await shared.close()
 
 
 async def test_negative_answers_are_shared(fleet, upstream):

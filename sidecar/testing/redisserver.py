@@ -8,8 +8,12 @@ small Redis Cluster (``redis-cli --cluster create``), each in its own temporary 
     with RedisCluster(3) as cl:           # cl.url == "redis+cluster://127.0.0.1:<port>"
         ...
 
-``available()`` says whether the binaries are installed (tests skip without them). Servers
-bind 127.0.0.1 only, persist nothing, and are killed on exit.
+    with RedisServer(tls=True) as srv:    # TLS only, a self-signed certificate for 127.0.0.1:
+        ...                               # srv.url == "rediss://...?ssl_ca_certs=<its cert>"
+
+``available()`` says whether the binaries are installed (tests skip without them), and
+``tls_available()`` whether ``openssl`` is, which makes the certificate. Servers bind
+127.0.0.1 only, persist nothing, and are killed on exit.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -34,6 +39,23 @@ def available() -> str | None:
         return (f"{' and '.join(missing)} not installed (Debian: apt-get install"
                 " redis-server)")
     return None
+
+
+def tls_available() -> str | None:
+    """None when ``openssl`` can make a test certificate, else why not (a skip reason)."""
+    if shutil.which("openssl") is None:
+        return "openssl not installed (Debian: apt-get install openssl)"
+    return None
+
+
+def make_certificate(directory: str) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 and its key, as PEM files in ``directory``."""
+    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                    "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
+                   capture_output=True, timeout=60, check=True)
+    return cert, key
 
 
 def free_port() -> int:
@@ -53,9 +75,15 @@ def free_port() -> int:
     raise RuntimeError("no free port pair for redis-server")
 
 
-def _ping(port: int) -> bool:
+def _ping(port: int, tls: bool = False) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as raw:
+            s = raw
+            if tls:  # a liveness check: the certificate is the client's to verify
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+                s = ctx.wrap_socket(raw)
             s.sendall(b"PING\r\n")
             return s.recv(16).startswith(b"+PONG")
     except OSError:
@@ -66,19 +94,32 @@ class RedisServer:
     """One ``redis-server`` on 127.0.0.1:``port`` (a free one by default)."""
 
     def __init__(self, port: int | None = None, *, cluster: bool = False,
-                 directory: str | None = None) -> None:
+                 directory: str | None = None, tls: bool = False) -> None:
         self.port = port or free_port()
         self.cluster = cluster
         self._own_dir = directory is None
         self.dir = directory or tempfile.mkdtemp(prefix="redis-test-")
         self.proc: subprocess.Popen[bytes] | None = None
+        #: (certificate, key) files when the server speaks TLS only; made by ``start()``.
+        self.tls: tuple[str, str] | None = None
+        self._want_tls = tls
 
     @property
     def url(self) -> str:
+        if self.tls is not None:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls[0]}"
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        args = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
+        port = ["--port", str(self.port)]
+        if self._want_tls:
+            if self.tls is None:
+                self.tls = make_certificate(self.dir)
+            cert, key = self.tls
+            port = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", cert,
+                    "--tls-key-file", key, "--tls-ca-cert-file", cert,
+                    "--tls-auth-clients", "no"]
+        args = ["redis-server", "--bind", "127.0.0.1", *port,
                 "--dir", self.dir, "--save", "", "--appendonly", "no",
                 "--protected-mode", "no", "--loglevel", "warning",
                 "--logfile", os.path.join(self.dir, f"redis-{self.port}.log")]
@@ -88,7 +129,7 @@ class RedisServer:
                      "--cluster-node-timeout", "2000"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT
-        while not _ping(self.port):
+        while not _ping(self.port, self.tls is not None):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"redis-server on port {self.port} did not start")
@@ -114,7 +155,8 @@ class RedisServer:
 
     def cli(self, *args: str) -> str:
         """``redis-cli -p port args...`` and its output (raises on failure)."""
-        out = subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), *args],
+        tls = ["--tls", "--cacert", self.tls[0]] if self.tls is not None else []
+        out = subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), *tls, *args],
                              capture_output=True, timeout=30, check=True)
         return out.stdout.decode(errors="replace")
 
