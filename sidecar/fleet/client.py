@@ -765,9 +765,11 @@ class SharedCache:
         return True
 
     async def _warm(self) -> None:
-        # Concurrent PINGs: each takes a connection of its own, so the pool is full after
-        # (on a cluster, every node's: a lookup batch goes to all of them at once, and a
-        # connection opened inside its deadline could cost the deadline).
+        # Every connection a batch may use is opened now: one opened inside a lookup's
+        # deadline could cost the deadline. A single server: the lanes, and one PING for
+        # the pool's connection (the probe, script loads). A cluster: concurrent PINGs to
+        # every node, each taking a connection of its own, so each node's pool is full
+        # after (a lookup batch goes to all of them at once).
         if self._lanes is not None:
             await self._lanes.open()
             await self._client.ping()
