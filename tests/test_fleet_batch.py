@@ -240,3 +240,39 @@ async def test_a_call_that_timed_out_leaves_no_reply_for_the_next_one(redis_serv
         assert st["errors"]["corrupt"] == 0 and st["rejected"]["key"] == 0, st
     finally:
         await sc.close()
+
+
+async def test_a_lane_cut_short_while_connecting_is_not_reused_out_of_step(redis_server):  # noqa: F811
+    """A lane connects inside a deadline (at start, or again after an error); redis-py's
+    handshake sends commands of its own and reads their replies. Cut short by the deadline
+    in between, the connection would stay open with a reply still due, and every later
+    batch on that lane would read the reply of the call before it."""
+    writer = SharedCache(redis_server.url, deadline=0.5)
+    sc = SharedCache(redis_server.url, deadline=0.05)
+    try:
+        await writer.start()
+        a, b = keys(2, "handshake")
+        now = writer.clock()
+        writer.put(a, entry(now))
+        writer.put(b, entry(now))
+        await writer.flush(5.0)
+        assert writer.stats()["writes"] == 2
+        redis_server.cli("client", "pause", "500", "all")  # the handshakes' replies wait
+        try:
+            await sc.start()                               # its deadline cuts them short
+            assert sc.breaker.state != "closed"
+        finally:
+            redis_server.cli("client", "unpause")
+        await until(lambda: sc.breaker.state == "closed")
+        got = await asyncio.gather(*(sc.lookup(k, lambda: 0.05) for k in (a, b)))
+        st = sc.stats()
+        assert all(e is not None for e in got) and st["hits"] == 2, st
+        assert st["errors"]["corrupt"] == 0, st
+        # and no lane, used since or not, holds a reply nobody asked for
+        assert sc._lanes is not None
+        for conn in sc._lanes._all:
+            pending = getattr(conn, "can_read", None) or conn.can_read_destructive  # < 8.0
+            assert not conn.is_connected or not await pending()
+    finally:
+        await sc.close()
+        await writer.close()

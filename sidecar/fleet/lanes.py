@@ -9,8 +9,9 @@ handshake, AUTH, db, TLS, command packing and hiredis reply parsing, all redis-p
 directly: send the commands, read their replies.
 
 A connection whose call failed or was cancelled mid-way is disconnected by redis-py itself
-(its ``send_packed_command`` and ``read_response`` do so on any exception), so a late reply
-is never read as the next call's; the next call on that lane connects again.
+(its ``send_packed_command`` and ``read_response`` do so on any exception, its handshake's
+commands included), so a late reply is never read as the next call's; the next call on that
+lane connects again. Both cases are tested by cutting calls short with a paused server.
 """
 
 from __future__ import annotations
