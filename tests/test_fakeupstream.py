@@ -820,6 +820,8 @@ async def test_port_zero_retries_when_tcp_port_taken(monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(loop, "create_server", flaky_create_server)
     async with FakeUpstream() as server:
-        assert len(calls) == 2 and server.port == calls[1]
+        # retried after the refusal; a busy host may refuse a real port again (once seen
+        # in CI), so the server is on the last port tried, not necessarily the second
+        assert len(calls) >= 2 and server.port == calls[-1]
         assert (await tcp(server, "www.example.test")).answer
         assert (await udp(server, "www.example.test")).answer

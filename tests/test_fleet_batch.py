@@ -214,6 +214,17 @@ async def test_a_reply_in_time_that_a_busy_loop_reads_late_is_no_failure(redis_s
         await sc.close()
 
 
+async def two_stored(sc: SharedCache, tag: str) -> list[bytes]:
+    """Two keys whose values ``sc`` wrote to the server."""
+    ks = keys(2, tag)
+    now = sc.clock()
+    for k in ks:
+        sc.put(k, entry(now))
+    await sc.flush(5.0)
+    assert sc.stats()["writes"] == 2
+    return ks
+
+
 async def test_a_call_that_timed_out_leaves_no_reply_for_the_next_one(redis_server):  # noqa: F811
     """A batch whose deadline passes mid-read is cancelled; its reply still comes. The lane
     (its own connection) must not hand that reply to the next batch: keys would get each
@@ -221,12 +232,7 @@ async def test_a_call_that_timed_out_leaves_no_reply_for_the_next_one(redis_serv
     sc = SharedCache(redis_server.url, deadline=0.05)
     try:
         await sc.start()
-        a, b = keys(2, "lane")
-        now = sc.clock()
-        sc.put(a, entry(now))
-        sc.put(b, entry(now))
-        await sc.flush(5.0)
-        assert sc.stats()["writes"] == 2
+        a, b = await two_stored(sc, "lane")
         redis_server.cli("client", "pause", "400", "all")  # replies held for 400 ms
         try:
             assert await sc.lookup(a, lambda: 0.05) is None
@@ -251,12 +257,7 @@ async def test_a_lane_cut_short_while_connecting_is_not_reused_out_of_step(redis
     sc = SharedCache(redis_server.url, deadline=0.05)
     try:
         await writer.start()
-        a, b = keys(2, "handshake")
-        now = writer.clock()
-        writer.put(a, entry(now))
-        writer.put(b, entry(now))
-        await writer.flush(5.0)
-        assert writer.stats()["writes"] == 2
+        a, b = await two_stored(writer, "handshake")
         redis_server.cli("client", "pause", "500", "all")  # the handshakes' replies wait
         try:
             await sc.start()                               # its deadline cuts them short
