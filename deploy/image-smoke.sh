@@ -61,6 +61,20 @@ while True:
     time.sleep(0.2)
 PY
 }
+# The DNS checks below ask the container with smoke_dns.ask(port, name, timeout): (query,
+# reply) of NAME A over UDP, parsed with dnslib; smoke_py runs "$PY" where it imports.
+cat >"$work/smoke_dns.py" <<'PY'
+import socket
+from dnslib import DNSRecord
+
+def ask(port, name="www.example.test", timeout=10.0):
+    q = DNSRecord.question(name, "A")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.sendto(q.pack(), ("127.0.0.1", port))
+        return q, DNSRecord.parse(s.recv(4096))
+PY
+smoke_py() { PYTHONPATH="$work${PYTHONPATH:+:$PYTHONPATH}" "$PY" "$@"; }
 # stop_sidecar WHAT LOG: SIGTERM the running container's sidecar; it must exit 0.
 stop_sidecar() {
   kill -TERM "$(pgrep -n -f "python[0-9.]* /usr/local/bin/dns-sidecar")"
@@ -144,16 +158,12 @@ bh run "${run_env[@]}" "${shared_env[@]}" "${cache_vol[@]}" "$ctr" -- dns-sideca
 
 wait_api /healthz 30 "$work/sidecar.log"
 wait_api /readyz 10 "$work/sidecar.log"
-"$PY" - "$dns_port" "$http_port" "$work/ttl" <<'PY' || { cat "$work/sidecar.log"; exit 1; }
-import json, socket, sys, urllib.request
-from dnslib import DNSRecord
+smoke_py - "$dns_port" "$http_port" "$work/ttl" <<'PY' || { cat "$work/sidecar.log"; exit 1; }
+import json, sys, urllib.request
+from smoke_dns import ask
 dns_port, http_port = int(sys.argv[1]), int(sys.argv[2])
 opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-q = DNSRecord.question("www.example.test", "A")
-with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-    s.settimeout(5)
-    s.sendto(q.pack(), ("127.0.0.1", dns_port))
-    r = DNSRecord.parse(s.recv(4096))
+q, r = ask(dns_port, timeout=5)
 assert r.header.id == q.header.id and r.header.rcode == 0 and r.rr, r
 ttl = r.rr[0].ttl
 assert ttl >= 770, f"image-smoke: FAIL: DNS_SIDECAR_MIN_TTL=777 not honoured (TTL {ttl})"
@@ -192,23 +202,17 @@ snap_owner=$(stat -c %u "$work/cache/cache.snap")
 kill "$upstream"; wait "$upstream" 2>/dev/null || true
 bh run "${run_env[@]}" "${cache_vol[@]}" "$ctr" -- dns-sidecar >"$work/sidecar2.log" 2>&1 & runner=$!
 wait_api /healthz 30 "$work/sidecar2.log"
-"$PY" - "$dns_port" "$work/ttl" <<'PY' || { cat "$work/sidecar2.log"; exit 1; }
-import socket, sys
-from dnslib import DNSRecord
+smoke_py - "$dns_port" "$work/ttl" <<'PY' || { cat "$work/sidecar2.log"; exit 1; }
+import sys
+from smoke_dns import ask
 dns_port, before = int(sys.argv[1]), int(open(sys.argv[2]).read())
 
-def ask(name):
-    q = DNSRecord.question(name, "A")
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(10)
-        s.sendto(q.pack(), ("127.0.0.1", dns_port))
-        return DNSRecord.parse(s.recv(4096))
-
-r = ask("www.example.test")
+_, r = ask(dns_port)
 assert r.header.rcode == 0 and r.rr, f"image-smoke: FAIL: not answered from the snapshot: {r}"
 assert r.rr[0].ttl <= before, f"image-smoke: FAIL: TTL grew from {before} to {r.rr[0].ttl}"
 # A name never asked before fails: nothing upstream could have answered the first one.
-assert ask("mail.example.test").header.rcode != 0, "image-smoke: FAIL: the upstream still answers"
+assert ask(dns_port, "mail.example.test")[1].header.rcode != 0, \
+    "image-smoke: FAIL: the upstream still answers"
 print(f"image-smoke: after a restart with the upstream gone, answered from the snapshot"
       f" (TTL {before} -> {r.rr[0].ttl}); a new name fails as it should")
 PY
@@ -227,16 +231,12 @@ if [ -n "$redis_port" ]; then
   done
   bh run "${fresh_env[@]}" "${shared_env[@]}" "$ctr" -- dns-sidecar >"$work/sidecar3.log" 2>&1 & runner=$!
   wait_api /readyz 30 "$work/sidecar3.log"
-  "$PY" - "$dns_port" "$http_port" <<'PY' || { cat "$work/sidecar3.log"; exit 1; }
-import json, socket, sys, urllib.request
-from dnslib import DNSRecord
+  smoke_py - "$dns_port" "$http_port" <<'PY' || { cat "$work/sidecar3.log"; exit 1; }
+import json, sys, urllib.request
+from smoke_dns import ask
 dns_port, http_port = int(sys.argv[1]), int(sys.argv[2])
 opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-q = DNSRecord.question("www.example.test", "A")
-with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-    s.settimeout(10)
-    s.sendto(q.pack(), ("127.0.0.1", dns_port))
-    r = DNSRecord.parse(s.recv(4096))
+_, r = ask(dns_port)
 assert r.header.rcode == 0 and r.rr, f"image-smoke: FAIL: not answered from the shared cache: {r}"
 shared = json.load(opener.open(f"http://127.0.0.1:{http_port}/stats", timeout=2))["shared_cache"]
 assert shared["hits"] >= 1 and shared["state"] == "closed", shared

@@ -68,20 +68,29 @@ async def dns_query(sc: Sidecar, name: str, rdtype: str = "A", *,
     return await dns.asyncquery.udp(q, "127.0.0.1", port=port, timeout=3)
 
 
+#: Ports free_port() handed out in this test run: never handed out twice. The kernel may
+#: give a port it just had back again, and callers take two in a row (--listen and --http;
+#: once seen in CI as the same port for both).
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A port free for both UDP and TCP right now."""
+    """A port free for both UDP and TCP right now, and not handed out before in this run."""
     for _ in range(50):
         t = socket.socket()
         t.bind(("127.0.0.1", 0))
         port = t.getsockname()[1]
         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
+            if port in _handed_out:
+                continue
             u.bind(("127.0.0.1", port))
         except OSError:
             continue
         finally:
             u.close()
             t.close()
+        _handed_out.add(port)
         return port
     raise RuntimeError("no free port")
 

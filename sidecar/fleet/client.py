@@ -96,8 +96,9 @@ HELD_WRITE_BATCHES: Final = 1
 #: deadline is our congestion, not the server's failure: ``busy``, breaker left alone.
 #: On a single server these are :class:`~sidecar.fleet.lanes.Lanes`.
 WIRES: Final = READ_BATCHES + WRITE_BATCHES + HELD_WRITE_BATCHES + 1
-#: Plus the client's own pool: the probe, script loads, and on a cluster the batches too.
-POOL_SIZE: Final = WIRES + 1
+#: The client's own pool: the probe and script loads (on a cluster the batches too).
+PROBES: Final = 1
+POOL_SIZE: Final = WIRES + PROBES
 #: Plus the subscription to the notices, held from start to close.
 SUBSCRIPTIONS: Final = 1
 #: Lifetime of a lease: how long the fleet defers to a sidecar resolving a name. Longer
@@ -218,8 +219,7 @@ class SharedCache:
         self.poll_interval = poll_interval
         self.backstop_ticks = backstop_ticks
         self._client = connect(url, self.write_deadline, 2 * POOL_SIZE,
-                               (POOL_SIZE if self.cluster else POOL_SIZE - WIRES)
-                               + SUBSCRIPTIONS)
+                               (POOL_SIZE if self.cluster else PROBES) + SUBSCRIPTIONS)
         #: A single server's batches go over connections of their own (one command each).
         self._lanes = (None if isinstance(self._client, RedisCluster)
                        else Lanes(self._client.connection_pool, WIRES))
